@@ -1,0 +1,17 @@
+"""imcloud init (placeholder until its owner lands it)."""
+
+from __future__ import annotations
+
+import typer
+
+from installer.console import operator_errors
+from installer.errors import ImcloudError
+
+app = typer.Typer(help="init", no_args_is_help=True)
+
+
+@app.command("placeholder")
+@operator_errors
+def init() -> None:
+    """Not built yet."""
+    raise ImcloudError("imcloud init is not built yet")

@@ -1,0 +1,17 @@
+"""imcloud users (placeholder until its owner lands it)."""
+
+from __future__ import annotations
+
+import typer
+
+from installer.console import operator_errors
+from installer.errors import ImcloudError
+
+app = typer.Typer(help="users", no_args_is_help=True)
+
+
+@app.command("placeholder")
+@operator_errors
+def users() -> None:
+    """Not built yet."""
+    raise ImcloudError("imcloud users is not built yet")
