@@ -1,0 +1,263 @@
+"""The operator's `imcloud.yml`: a typed, validated model and its loader.
+
+Validation happens before anything is written or changed, and every problem
+is reported with the path of the offending field (``hosts[1].address``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from installer.errors import ImcloudError
+
+Role = Literal["lb", "app", "db", "cache", "monitoring"]
+ALL_ROLES: tuple[Role, ...] = ("lb", "app", "db", "cache", "monitoring")
+
+_HOSTNAME_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_DNS_NAME = re.compile(rf"^{_HOSTNAME_LABEL}(\.{_HOSTNAME_LABEL})*$", re.IGNORECASE)
+_HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+def _check_address(value: str) -> str:
+    """An IP address or a DNS name; anything else is a typo."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not _DNS_NAME.match(value):
+        raise ValueError(f"{value!r} is neither an IP address nor a DNS name")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsConfig(_Model):
+    mode: Literal["internal", "acme", "provided"] = "internal"
+    acme_directory_url: str | None = None
+    acme_email: str | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @field_validator("acme_directory_url")
+    @classmethod
+    def _https_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https://[^\s/]+(/\S*)?$", value):
+            raise ValueError(f"{value!r} is not an https:// URL")
+        return value
+
+    @field_validator("acme_email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        if value is not None and not _EMAIL.match(value):
+            raise ValueError(f"{value!r} is not an email address")
+        return value
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> TlsConfig:
+        if self.mode == "acme":
+            for field in ("acme_directory_url", "acme_email"):
+                if getattr(self, field) is None:
+                    raise ValueError(f"{field} is required when mode is acme")
+        if self.mode == "provided":
+            for field in ("cert_file", "key_file"):
+                path = getattr(self, field)
+                if path is None:
+                    raise ValueError(f"{field} is required when mode is provided")
+                if not path.expanduser().is_file():
+                    raise ValueError(f"{field}: {path} does not exist")
+        return self
+
+
+class SshConfig(_Model):
+    user: str = "root"
+    port: int = Field(default=22, ge=1, le=65535)
+    private_key_file: Path | None = None
+    strict_host_key_checking: bool = True
+    known_hosts_file: Path | None = None
+
+    @field_validator("private_key_file")
+    @classmethod
+    def _key_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"{value} does not exist")
+        return value.expanduser() if value is not None else None
+
+
+class HostConfig(_Model):
+    name: str
+    address: str
+    internal_address: str | None = None
+    roles: list[Role] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _HOST_NAME.match(value):
+            raise ValueError(f"{value!r} must start with a letter and use only a-z, 0-9 and '-'")
+        return value
+
+    @field_validator("address", "internal_address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return None if value is None else _check_address(value)
+
+    @field_validator("roles")
+    @classmethod
+    def _unique_roles(cls, value: list[Role]) -> list[Role]:
+        if len(set(value)) != len(value):
+            raise ValueError("a role is listed twice")
+        return value
+
+    @property
+    def internal(self) -> str:
+        return self.internal_address or self.address
+
+
+class AlertsConfig(_Model):
+    receivers: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class CloudConfig(_Model):
+    domain: Annotated[str, Field(min_length=1, max_length=253)]
+    profile: Literal["single", "cluster"] = "single"
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    ssh: SshConfig = Field(default_factory=SshConfig)
+    hosts: list[HostConfig] = Field(min_length=1)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        if not _DNS_NAME.match(value) or "." not in value:
+            raise ValueError(f"{value!r} is not a fully qualified DNS name")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _layout(self) -> CloudConfig:
+        names = [h.name for h in self.hosts]
+        addresses = [h.address for h in self.hosts]
+        for label, values in (("name", names), ("address", addresses)):
+            dupes = sorted({v for v in values if values.count(v) > 1})
+            if dupes:
+                raise ValueError(f"hosts: {label} used twice: {', '.join(dupes)}")
+        if self.profile == "single":
+            if len(self.hosts) != 1:
+                raise ValueError(
+                    f"profile single takes exactly one host, got {len(self.hosts)}; "
+                    "use profile: cluster"
+                )
+            return self
+        counts = {role: sum(role in h.roles for h in self.hosts) for role in ALL_ROLES}
+        for host in self.hosts:
+            if not host.roles:
+                raise ValueError(f"hosts: {host.name} has no roles (cluster profile)")
+        wanted = {
+            "lb": (1, 1),
+            "app": (2, None),
+            "db": (1, 1),
+            "cache": (1, 1),
+            "monitoring": (0, 1),
+        }
+        for role, (low, high) in wanted.items():
+            n = counts[role]
+            if n < low or (high is not None and n > high):
+                want = f"exactly {low}" if low == high else f"at least {low}"
+                if high is not None and low != high:
+                    want = f"{low} to {high}"
+                raise ValueError(f"profile cluster needs {want} host(s) with role {role}, got {n}")
+        return self
+
+    def roles_of(self, host: HostConfig) -> list[Role]:
+        """A single host carries every role; cluster hosts carry what they list."""
+        return list(ALL_ROLES) if self.profile == "single" else list(host.roles)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def parse_config(data: Any, source: str = "imcloud.yml") -> CloudConfig:
+    """Validate raw YAML data; raise ImcloudError naming the first bad field."""
+    if not isinstance(data, dict):
+        raise ImcloudError(f"{source}: expected a mapping at the top level")
+    try:
+        config = CloudConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = _field_path(tuple(first["loc"])) or "(top level)"
+        message = first["msg"].removeprefix("Value error, ")
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ImcloudError(f"{source}: {where}: {message}{more}") from None
+    _validate_receivers(config, source)
+    return config
+
+
+def _validate_receivers(config: CloudConfig, source: str) -> None:
+    from installer.core.alerts import validate_receivers
+
+    try:
+        validate_receivers(config.alerts.receivers)
+    except ImcloudError as exc:
+        raise ImcloudError(f"{source}: {exc}") from None
+
+
+def load_config(path: Path) -> CloudConfig:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ImcloudError(f"{path} not found: run `imcloud init` first") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ImcloudError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from None
+    return parse_config(data, source=str(path))
+
+
+def dump_config(config: CloudConfig) -> str:
+    data = config.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def parse_host_option(spec: str) -> dict[str, Any]:
+    """``NAME=ADDRESS[,ROLE...]`` from the command line, e.g. ``app1=203.0.113.11,app``."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise ImcloudError(f"--host {spec!r}: expected NAME=ADDRESS[,ROLE...]")
+    address, *roles = rest.split(",")
+    return {"name": name, "address": address, "roles": roles}
+
+
+def receivers_from_options(
+    webhooks: list[str], emails: list[str], smarthost: str | None
+) -> list[dict[str, Any]]:
+    receivers: list[dict[str, Any]] = [
+        {"name": f"webhook-{i}", "type": "webhook", "url": url} for i, url in enumerate(webhooks, 1)
+    ]
+    for i, address in enumerate(emails, 1):
+        receiver: dict[str, Any] = {"name": f"email-{i}", "type": "email", "to": address}
+        if smarthost:
+            receiver["smarthost"] = smarthost
+        receivers.append(receiver)
+    return receivers
