@@ -15,5 +15,15 @@ def test_version_prints_the_package_version() -> None:
 def test_help_lists_every_verb() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0, result.output
-    for verb in ("lab", "init", "check", "install", "verify", "status", "users", "alerts", "quickstart"):
+    for verb in (
+        "lab",
+        "init",
+        "check",
+        "install",
+        "verify",
+        "status",
+        "users",
+        "alerts",
+        "quickstart",
+    ):
         assert verb in result.output
