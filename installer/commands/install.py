@@ -66,6 +66,26 @@ def _progress_table_final(result: RunResult) -> Table:
     return table
 
 
+def _print_step(message: str) -> None:
+    err_console.print(f"[dim]{message}[/]")
+
+
+class _PhaseLines:
+    """Progress for logs and pipes: one line each time a host enters a new phase."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str] = {}
+
+    def __call__(self, state: RunState) -> None:
+        with state.lock:
+            changes = [
+                (h.name, h.phase) for h in state.hosts.values() if self._seen.get(h.name) != h.phase
+            ]
+        for name, phase in changes:
+            self._seen[name] = phase
+            err_console.print(f"{name}: {phase}", highlight=False)
+
+
 @operator_errors
 def install(
     cloud: CloudDir = DEFAULT_CLOUD_DIR,
@@ -78,15 +98,20 @@ def install(
     if json_output:
         result = core.install(loaded, tags=tags, limit=limit)
         print_json(result.to_dict())
-    else:
+    elif err_console.is_terminal:
         with Live(console=err_console, refresh_per_second=4, transient=True) as live:
             result = core.install(
                 loaded,
                 tags=tags,
                 limit=limit,
-                on_step=lambda msg: err_console.print(f"[dim]{msg}[/]"),
+                on_step=_print_step,
                 on_update=lambda state: live.update(_progress_table(state)),
             )
+        _print_summary(loaded, result)
+    else:
+        result = core.install(
+            loaded, tags=tags, limit=limit, on_step=_print_step, on_update=_PhaseLines()
+        )
         _print_summary(loaded, result)
     if not result.ok:
         raise typer.Exit(code=1)
