@@ -1,0 +1,218 @@
+"""Cross-node fan-out and presence over Redis.
+
+Every node publishes to and subscribes to one channel. A payload is the origin
+node id on the first line, then one record per line:
+``<user ids, comma separated>\\t<device id to skip>\\t<frame JSON>``. Control
+records have a first field starting with ``!`` (see :data:`KICK`, :data:`RESYNC`,
+:data:`PRESENCE`). Pub/sub is only a wake-up path: PostgreSQL holds every message,
+and a node whose subscription broke tells its clients to re-sync once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .metrics import Metrics
+
+__all__ = ["KICK", "PRESENCE", "RESYNC", "Fanout", "Record", "decode_payload", "encode_payload"]
+
+log = logging.getLogger("im_server.fanout")
+
+CHANNEL = "im:fanout"
+KICK = "!kick"  # fields: user id, device id (0 = every device of the user)
+RESYNC = "!resync"  # every node tells its clients to sync
+PRESENCE = "!presence"  # fields: user id, 1 online / 0 offline
+
+Record = tuple[str, str, bytes]  # (users or control word, second field, frame)
+
+
+def encode_payload(node: str, records: Iterable[Record]) -> bytes:
+    lines = [node.encode()]
+    for users, extra, frame in records:
+        lines.append(b"%s\t%s\t%s" % (users.encode(), extra.encode(), frame))
+    return b"\n".join(lines)
+
+
+def decode_payload(payload: bytes) -> tuple[str, list[Record]]:
+    """Inverse of :func:`encode_payload`. Frames are JSON, which never holds a raw newline."""
+    head, *lines = payload.split(b"\n")
+    records = []
+    for line in lines:
+        users, extra, frame = line.split(b"\t", 2)
+        records.append((users.decode(), extra.decode(), frame))
+    return head.decode(), records
+
+
+class Fanout:
+    """Publisher, subscriber and presence registry of one node.
+
+    Args:
+        on_records: called with records published by other nodes.
+        on_resubscribed: called when the subscription is back after a loss.
+        local_users: returns the user ids with a device connected here (for presence).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        node: str,
+        metrics: Metrics,
+        *,
+        ca_file: str | None,
+        presence_ttl_s: int,
+        on_records: Callable[[list[Record]], None],
+        on_resubscribed: Callable[[], None],
+        local_users: Callable[[], Iterable[int]],
+    ) -> None:
+        kwargs: dict[str, object] = {"socket_timeout": 5, "socket_connect_timeout": 3}
+        if ca_file and url.startswith("rediss://"):
+            kwargs["ssl_ca_certs"] = ca_file
+        self.redis = aioredis.from_url(url, **kwargs)
+        self._sub_redis = aioredis.from_url(url, **{**kwargs, "socket_timeout": None})
+        self.node = node
+        self.metrics = metrics
+        self.ttl = presence_ttl_s
+        self.on_records = on_records
+        self.on_resubscribed = on_resubscribed
+        self.local_users = local_users
+        self.subscribed = False
+        self._outbox: list[Record] = []
+        self._wake = asyncio.Event()
+        self._publish_failed = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._subscriber(), name="fanout-sub"),
+            asyncio.create_task(self._publisher(), name="fanout-pub"),
+            asyncio.create_task(self._heartbeat(), name="presence"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.redis.delete(f"im:node:{self.node}"), 1)
+        except (RedisError, OSError, TimeoutError):
+            pass
+        await self.redis.aclose()
+        await self._sub_redis.aclose()
+
+    def publish(self, records: Sequence[Record]) -> None:
+        """Queue records for the other nodes; never blocks the caller."""
+        self._outbox.extend(records)
+        self._wake.set()
+
+    async def ping(self) -> None:
+        await asyncio.wait_for(self.redis.ping(), 2)
+
+    async def _publisher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                chunk, self._outbox = self._outbox[:1000], self._outbox[1000:]
+                started = time.perf_counter()
+                try:
+                    await self.redis.publish(CHANNEL, encode_payload(self.node, chunk))
+                except (RedisError, OSError, TimeoutError) as exc:
+                    # Subscribers lost these records: once Redis answers again every
+                    # node is told to re-sync its clients from PostgreSQL.
+                    if not self._publish_failed:
+                        log.warning("redis publish failed: %s", exc)
+                    self._publish_failed = True
+                    self.metrics.errors.labels("redis_publish").inc()
+                    self._outbox.clear()
+                    break
+                self.metrics.redis.labels("publish").observe(time.perf_counter() - started)
+                if self._publish_failed:
+                    self._publish_failed = False
+                    self.publish([(RESYNC, "", b"{}")])
+                    self.on_resubscribed()
+
+    async def _subscriber(self) -> None:
+        first = True
+        delay = 0.1
+        while True:
+            pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANNEL)
+                self.subscribed = True
+                self.metrics.redis_up.set(1)
+                delay = 0.1
+                if not first:
+                    log.warning("redis subscription restored: clients re-sync")
+                    self.on_resubscribed()
+                first = False
+                own = self.node.encode() + b"\n"
+                while True:
+                    msg = await pubsub.get_message(timeout=None)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    data: bytes = msg["data"]
+                    if data.startswith(own):
+                        continue
+                    self.on_records(decode_payload(data)[1])
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as exc:
+                if self.subscribed:
+                    log.warning("redis subscription lost: %s", exc)
+                    self.metrics.errors.labels("redis_subscription").inc()
+                self.subscribed = False
+                self.metrics.redis_up.set(0)
+            finally:
+                try:
+                    await asyncio.wait_for(pubsub.aclose(), 1)
+                except (RedisError, OSError, TimeoutError):
+                    pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    # -- presence ---------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Refresh this node's and its users' presence keys; they expire if the node dies."""
+        while True:
+            started = time.perf_counter()
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.set(f"im:node:{self.node}", "1", ex=self.ttl)
+                pipe.sadd("im:nodes", self.node)
+                for user in self.local_users():
+                    pipe.set(f"im:online:{user}:{self.node}", "1", ex=self.ttl)
+                await pipe.execute()
+                self.metrics.redis.labels("heartbeat").observe(time.perf_counter() - started)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.debug("presence heartbeat failed: %s", exc)
+            await asyncio.sleep(self.ttl / 3)
+
+    async def set_online(self, user: int, online: bool) -> None:
+        key = f"im:online:{user}:{self.node}"
+        try:
+            if online:
+                await self.redis.set(key, "1", ex=self.ttl)
+            else:
+                await self.redis.delete(key)
+        except (RedisError, OSError, TimeoutError):
+            self.metrics.errors.labels("redis_presence").inc()
+            return
+        self.publish([(PRESENCE, f"{user},{int(online)}", b"{}")])
+
+    async def online(self, users: Sequence[int]) -> dict[int, bool]:
+        """Which users have a device on a live node (keys of a dead node expire)."""
+        started = time.perf_counter()
+        nodes = [n.decode() for n in await self.redis.smembers("im:nodes")]
+        pipe = self.redis.pipeline(transaction=False)
+        for user in users:
+            pipe.exists(*[f"im:online:{user}:{n}" for n in nodes] or ["im:none"])
+        counts = await pipe.execute()
+        self.metrics.redis.labels("presence").observe(time.perf_counter() - started)
+        return {u: c > 0 for u, c in zip(users, counts, strict=True)}
