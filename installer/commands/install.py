@@ -91,12 +91,15 @@ def install(
     cloud: CloudDir = DEFAULT_CLOUD_DIR,
     tags: Annotated[str | None, typer.Option(help="Only run these role tags.")] = None,
     limit: Annotated[str | None, typer.Option(help="Only these hosts or groups.")] = None,
+    skip_check: Annotated[
+        bool, typer.Option("--skip-check", help="Do not run the preflight checks first.")
+    ] = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Install or update the cloud on its hosts. Idempotent: run it again at any time."""
     loaded = Cloud.load(cloud)
     if json_output:
-        result = core.install(loaded, tags=tags, limit=limit)
+        result = core.install(loaded, tags=tags, limit=limit, preflight=not skip_check)
         print_json(result.to_dict())
     elif err_console.is_terminal:
         with Live(console=err_console, refresh_per_second=4, transient=True) as live:
@@ -104,13 +107,19 @@ def install(
                 loaded,
                 tags=tags,
                 limit=limit,
+                preflight=not skip_check,
                 on_step=_print_step,
                 on_update=lambda state: live.update(_progress_table(state)),
             )
         _print_summary(loaded, result)
     else:
         result = core.install(
-            loaded, tags=tags, limit=limit, on_step=_print_step, on_update=_PhaseLines()
+            loaded,
+            tags=tags,
+            limit=limit,
+            preflight=not skip_check,
+            on_step=_print_step,
+            on_update=_PhaseLines(),
         )
         _print_summary(loaded, result)
     if not result.ok:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from installer.core.cloud import Cloud
+from installer.core.preflight import check_cloud
 from installer.core.runner import RunResult, RunState, run_playbook
 from installer.core.wheels import build_wheels
+from installer.errors import ImcloudError
 
 
 def install(
@@ -16,6 +18,7 @@ def install(
     on_step: Callable[[str], None] | None = None,
     tags: str | None = None,
     limit: str | None = None,
+    preflight: bool = True,
 ) -> RunResult:
     """Bring every host of the cloud to the state its config describes. Safe to re-run."""
 
@@ -25,6 +28,13 @@ def install(
 
     step("refreshing inventory and secrets")
     cloud.write_derived()
+    if preflight:
+        step("preflight checks")
+        report = check_cloud(cloud)
+        if not report.ok:
+            raise ImcloudError(
+                "preflight failed, nothing changed: " + "; ".join(report.failure_lines())
+            )
     step("building IM server wheels")
     release = build_wheels(cloud.dir / "wheels")
     step(f"running site.yml (release {release.id})")
