@@ -19,7 +19,7 @@ Layout of one lab (all derived from its name, so `down` works without state):
 - nodes ``node1``..``nodeN`` at ``10.213.<n>.11``.. on bridge ``imlb-<hash>`` whose
   address ``10.213.<n>.1`` is the gateway; ``<n>`` is picked per lab name
   (first free index from a hash of the name) so labs coexist;
-- netns ``imlab-<lab>-<node>`` with ``eth0`` (veth ``imlv-<hash>-<i>`` on the bridge);
+- netns ``imlab-<lab>-<node>`` with ``eth0`` (veth ``imlv<hash>-<i>`` on the bridge);
 - overlay of the shared base tree under ``/var/lib/imcloud-lab/labs/<lab>/nodes/<node>``;
 - ``state.json``, ``inventory.yml``, ``id_ed25519`` (lab key), ``known_hosts`` (each host's
   freshly generated host keys, so SSH checks them strictly) in ``/var/lib/imcloud-lab/labs/<lab>``.
@@ -44,11 +44,13 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -215,9 +217,6 @@ def render_known_hosts(entries: list[tuple[str, str, list[str]]]) -> str:
 
 def preflight() -> None:
     """Refuse, before changing anything, to run where a lab cannot boot."""
-    import os
-    import sys
-
     if not sys.platform.startswith("linux"):
         raise ImcloudError("imcloud lab needs Linux (systemd-nspawn, network namespaces)")
     if os.geteuid() != 0:
@@ -274,7 +273,7 @@ class Lab:
         return f"imlab-{self.name}-{node}"
 
     def veth(self, index: int) -> str:
-        return f"imlv-{self.hash}-{index}"
+        return f"imlv{self.hash}-{index}"
 
     def node_dir(self, node: str) -> Path:
         return self.dir / "nodes" / node
