@@ -1,0 +1,284 @@
+"""Each component's health as Prometheus sees it, and how the CLI reaches Prometheus.
+
+Prometheus and Alertmanager listen on the monitoring host's internal address under
+the route prefixes ``/prometheus`` and ``/alertmanager`` (so nginx can proxy them).
+The CLI reaches them through an SSH port forward to the monitoring host (default)
+or through nginx with basic auth (user ``monitor``, secret ``imcloud_monitoring_password``).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
+
+from installer.errors import ImcloudError
+
+if TYPE_CHECKING:
+    from installer.core.cloud import Cloud
+
+__all__ = [
+    "Api",
+    "ComponentStatus",
+    "MonitoringApis",
+    "collect_status",
+    "monitoring_apis",
+    "parse_metrics",
+]
+
+PROMETHEUS_PORT = 9090
+ALERTMANAGER_PORT = 9093
+MONITOR_USER = "monitor"
+
+Via = Literal["ssh", "nginx"]
+
+
+@dataclass(frozen=True)
+class Api:
+    """A small JSON/text HTTP client for one base URL (Prometheus or Alertmanager)."""
+
+    base_url: str
+    auth: tuple[str, str] | None = None
+    ca_file: Path | None = None
+    timeout: float = 10.0
+
+    def _request(self, path: str, body: bytes | None = None) -> bytes:
+        request = urllib.request.Request(self.base_url.rstrip("/") + path, data=body)
+        if body is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.auth is not None:
+            token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=context) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as exc:
+            raise ImcloudError(f"{self.base_url}{path}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ImcloudError(f"{self.base_url}{path}: {reason}") from None
+
+    def get_text(self, path: str) -> str:
+        return self._request(path).decode()
+
+    def get_json(self, path: str) -> Any:
+        return json.loads(self._request(path))
+
+    def post_json(self, path: str, payload: Any) -> Any:
+        raw = self._request(path, json.dumps(payload).encode())
+        return json.loads(raw) if raw.strip() else None
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """An instant Prometheus query: a list of ``{"metric": {...}, "value": [ts, "v"]}``."""
+        data = self.get_json(f"/api/v1/query?query={quote(promql)}")
+        if data.get("status") != "success":
+            raise ImcloudError(f"Prometheus query failed: {data.get('error', data)}")
+        return list(data["data"]["result"])
+
+
+@dataclass(frozen=True)
+class MonitoringApis:
+    prometheus: Api
+    alertmanager: Api
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            error = proc.stderr.read().decode().strip() if proc.stderr else ""
+            raise ImcloudError(f"SSH port forward to the monitoring host failed: {error}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.2)
+    raise ImcloudError("SSH port forward to the monitoring host did not come up in time")
+
+
+@contextlib.contextmanager
+def monitoring_apis(cloud: Cloud, via: Via = "ssh") -> Iterator[MonitoringApis]:
+    """Yield clients for the cloud's Prometheus and Alertmanager; close what was opened."""
+    if via == "nginx":
+        password = cloud.secrets().get("imcloud_monitoring_password")
+        if not password:
+            raise ImcloudError("secrets.yml has no imcloud_monitoring_password")
+        auth = (MONITOR_USER, password)
+        ca = cloud.ca_cert_path if cloud.config.tls.mode == "internal" else None
+        base = cloud.public_url
+        yield MonitoringApis(
+            Api(f"{base}/prometheus", auth=auth, ca_file=ca),
+            Api(f"{base}/alertmanager", auth=auth, ca_file=ca),
+        )
+        return
+    hosts = cloud.hosts_in("monitoring")
+    if not hosts:
+        raise ImcloudError("no host has the monitoring role in imcloud.yml")
+    host = hosts[0]
+    prom_port, am_port = _free_port(), _free_port()
+    command = [
+        "ssh", "-N", "-o", "ExitOnForwardFailure=yes",
+        "-L", f"127.0.0.1:{prom_port}:{host.internal_address}:{PROMETHEUS_PORT}",
+        "-L", f"127.0.0.1:{am_port}:{host.internal_address}:{ALERTMANAGER_PORT}",
+        *host.ssh_args(),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        _wait_for_port(prom_port, proc, timeout=20)
+        yield MonitoringApis(
+            Api(f"http://127.0.0.1:{prom_port}/prometheus"),
+            Api(f"http://127.0.0.1:{am_port}/alertmanager"),
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Parse the Prometheus text format (enough for Alertmanager's own /metrics)."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, rest = head.partition("{")
+        labels: dict[str, str] = {}
+        for pair in filter(None, rest.rstrip("}").split('",')):
+            key, _, val = pair.partition("=")
+            labels[key.strip(",")] = val.strip('"')
+        try:
+            out.setdefault(name, []).append((labels, float(value)))
+        except ValueError:
+            continue
+    return out
+
+
+# -- component health ----------------------------------------------------------
+
+
+def _pct(v: float) -> str:
+    return f"{v * 100:.0f}%"
+
+
+def _num(v: float) -> str:
+    return f"{v:.0f}" if v == int(v) else f"{v:.1f}"
+
+
+def _ms(v: float) -> str:
+    return f"{v * 1000:.0f}ms"
+
+
+def _days(v: float) -> str:
+    return f"{v / 86400:.0f}d"
+
+
+# Per scrape job: (figure, PromQL by instance, formatter). Names from monitoring/prometheus/rules.
+FIGURES: dict[str, list[tuple[str, str, Callable[[float], str]]]] = {
+    "node": [
+        ("cpu", 'instance:node_cpu_utilisation:rate5m{job="node"}', _pct),
+        ("mem free", 'instance:node_memory_available:ratio{job="node"}', _pct),
+        ("disk free", "min by (job, instance) (instance:node_filesystem_avail:ratio)", _pct),
+    ],
+    "im_server": [
+        ("conns", 'im_connections{job="im_server"}', _num),
+        ("msg/s", 'sum by (job, instance) (rate(im_messages_total{job="im_server"}[5m]))', _num),
+        ("p99 ack", 'instance:im_send_ack_seconds:p99_rate5m{job="im_server"}', _ms),
+    ],
+    "postgres": [
+        ("db up", 'pg_up{job="postgres"}', _num),
+        ("conns used", 'instance:pg_connections:ratio{job="postgres"}', _pct),
+    ],
+    "redis": [
+        ("redis up", 'redis_up{job="redis"}', _num),
+        ("mem used", 'instance:redis_memory_used:ratio{job="redis"}', _pct),
+        ("clients", 'redis_connected_clients{job="redis"}', _num),
+    ],
+    "nginx": [
+        ("nginx up", 'nginx_up{job="nginx"}', _num),
+        ("active conns", 'nginx_connections_active{job="nginx"}', _num),
+    ],
+    "blackbox_https": [
+        ("probe ok", 'probe_success{job="blackbox_https"}', _num),
+        ("cert left", 'probe_ssl_earliest_cert_expiry{job="blackbox_https"} - time()', _days),
+    ],
+    "blackbox_wss": [("probe ok", 'probe_success{job="blackbox_wss"}', _num)],
+}
+# A figure of 0 here means the component behind a live exporter is down.
+LIVENESS = {"db up", "redis up", "nginx up", "probe ok"}
+
+
+@dataclass
+class ComponentStatus:
+    job: str
+    instance: str
+    host: str
+    up: bool
+    figures: dict[str, str] = field(default_factory=dict)
+    alerts: list[str] = field(default_factory=list)
+
+    @property
+    def health(self) -> str:
+        if not self.up or any(self.figures.get(name) == "0" for name in LIVENESS):
+            return "down"
+        return "degraded" if self.alerts else "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "instance": self.instance,
+            "host": self.host,
+            "health": self.health,
+            "up": self.up,
+            "figures": self.figures,
+            "alerts": self.alerts,
+        }
+
+
+def collect_status(prometheus: Api, host_names: dict[str, str]) -> list[ComponentStatus]:
+    """One row per scrape target; ``host_names`` maps internal addresses to host names."""
+    rows: dict[tuple[str, str], ComponentStatus] = {}
+    for sample in prometheus.query("up"):
+        labels = sample["metric"]
+        job, instance = labels.get("job", ""), labels.get("instance", "")
+        address = instance.split("://")[-1].split("/")[0].rsplit(":", 1)[0].strip("[]")
+        rows[(job, instance)] = ComponentStatus(
+            job=job,
+            instance=instance,
+            host=host_names.get(address, address),
+            up=sample["value"][1] == "1",
+        )
+    for job, figures in FIGURES.items():
+        for name, promql, fmt in figures:
+            for sample in prometheus.query(promql):
+                row = rows.get((job, sample["metric"].get("instance", "")))
+                if row is not None:
+                    row.figures[name] = fmt(float(sample["value"][1]))
+    alerts = prometheus.get_json("/api/v1/alerts")["data"]["alerts"]
+    for alert in alerts:
+        labels = alert["labels"]
+        row = rows.get((labels.get("job", ""), labels.get("instance", "")))
+        if row is not None and alert.get("state") == "firing":
+            row.alerts.append(f"{labels.get('alertname')}({labels.get('severity', '')})")
+    return sorted(rows.values(), key=lambda r: (r.job, r.host, r.instance))
