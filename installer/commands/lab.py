@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from installer.console import console, err_console, operator_errors, print_json
@@ -29,22 +31,34 @@ class _HostProgress:
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[str, TaskID] = {}
 
     def __call__(self, node: str, phase: str) -> None:
         if node not in self.tasks:
             self.tasks[node] = self.progress.add_task(node, total=None, phase=phase)
-        self.progress.update(self.tasks[node], phase=phase)
+        done = phase.startswith(("ready", "removed"))
+        self.progress.update(self.tasks[node], phase=phase, total=1 if done else None,
+                             completed=1 if done else 0)
 
 
-def _progress() -> Progress:
-    return Progress(
-        SpinnerColumn(),
+def _print_phase(node: str, phase: str) -> None:
+    err_console.print(f"{node}: {phase}", highlight=False)
+
+
+@contextlib.contextmanager
+def _host_progress() -> Iterator[Callable[[str, str], None]]:
+    """Live spinners on a terminal; one line per host and phase otherwise (CI logs)."""
+    if not err_console.is_terminal:
+        yield _print_phase
+        return
+    with Progress(
+        SpinnerColumn(finished_text="[green]✓"),
         TextColumn("[bold]{task.description:<8}"),
         TextColumn("{task.fields[phase]}"),
         TimeElapsedColumn(),
         console=err_console,
-    )
+    ) as progress:
+        yield _HostProgress(progress)
 
 
 @app.command("up")
@@ -56,8 +70,8 @@ def up(
     """Boot the lab's hosts (or reuse them) and write its Ansible inventory."""
     lab = Lab(name)
     started = time.monotonic()
-    with _progress() as progress:
-        hosts = lab.up(nodes, progress=_HostProgress(progress))
+    with _host_progress() as progress:
+        hosts = lab.up(nodes, progress=progress)
     console.print(f"lab [bold]{name}[/]: {len(hosts)} host(s) up in "
                   f"{time.monotonic() - started:.1f} s")
     for host in hosts:
@@ -71,8 +85,8 @@ def up(
 def down(name: NameOption = "default") -> None:
     """Power off and remove every host, mount, namespace and link of the lab."""
     started = time.monotonic()
-    with _progress() as progress:
-        Lab(name).down(progress=_HostProgress(progress))
+    with _host_progress() as progress:
+        Lab(name).down(progress=progress)
     console.print(f"lab [bold]{name}[/] removed in {time.monotonic() - started:.1f} s")
 
 

@@ -9,6 +9,7 @@ Python API (what `imcloud lab`, `quickstart` and the end-to-end tests call)::
     lab.hosts()                        # -> list[LabHost] of a lab that is up (ImcloudError if not)
     lab.status()                       # -> LabStatus (exists, subnet, nodes with running/state)
     lab.ssh_command("node1", "uname", "-r")   # -> argv for ssh(1) as root with the lab key
+    lab.controller_address()           # this machine as the hosts see it (their gateway)
     lab.down()                         # removes everything; safe twice or after a crash
     lab.inventory_path, lab.state_path, lab.key_path, lab.known_hosts_path
     list_labs()                        # names of the labs present on this machine
@@ -72,7 +73,7 @@ MAX_NODES = 32
 FIRST_HOST_OCTET = 11
 USER = "root"
 BOOT_TIMEOUT = 180.0
-STOP_GRACE = 20.0
+STOP_GRACE = 15.0
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
 REQUIRED_TOOLS = ("systemd-nspawn", "debootstrap", "ip", "nft", "mount", "umount", "ssh",
                   "ssh-keygen", "chroot")
@@ -308,6 +309,12 @@ class Lab:
                 return h
         names = ", ".join(h.name for h in self.hosts())
         raise ImcloudError(f"lab {self.name} has no node {node!r} (nodes: {names})")
+
+    def controller_address(self) -> str:
+        """This machine's address as the lab's hosts see it (their gateway on the lab bridge)."""
+        self.hosts()  # the lab must be up
+        state = self._read_state() or {}
+        return str(state["gateway"])
 
     def ssh_command(self, node: str, *command: str) -> list[str]:
         return ["ssh", *self.host(node).ssh_args(), *command]

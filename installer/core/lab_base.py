@@ -30,6 +30,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import psutil
+
 from installer.core import lab_system as sysx
 from installer.errors import ImcloudError
 
@@ -158,12 +160,16 @@ def _acng_conf() -> str:
 
 
 def cache_pid() -> int | None:
-    """Pid of the apt-cacher-ng this code started, if it still runs."""
+    """Pid of the apt-cacher-ng this code started, if it still runs (checked by name)."""
     try:
         pid = int(ACNG_PID_FILE.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if sysx.pid_alive(pid) else None
+    try:
+        alive = sysx.pid_alive(pid) and psutil.Process(pid).name() == ACNG_BIN.name
+    except psutil.Error:
+        return None
+    return pid if alive else None
 
 
 def _port_open(address: str, port: int) -> bool:
@@ -179,10 +185,11 @@ def ensure_cache() -> None:
     """
     if not sysx.link_exists(CACHE_LINK):
         sysx.create_bridge(CACHE_LINK, f"{CACHE_ADDRESS}/32")
-    if cache_pid() is not None and _port_open(CACHE_ADDRESS, CACHE_PORT):
-        return
-    if _port_open("127.0.0.1", CACHE_PORT) and _port_open(CACHE_ADDRESS, CACHE_PORT):
-        return  # an apt-cacher-ng we did not start already serves both addresses
+    serving = _port_open(CACHE_ADDRESS, CACHE_PORT)
+    if serving:
+        return  # ours, or one the operator runs on the same address
+    if cache_pid() is not None:
+        stop_cache(keep_link=True)  # ours, but no longer answering: start afresh
     user = pwd.getpwnam(CACHE_USER)
     ACNG_CONF_DIR.mkdir(parents=True, exist_ok=True)
     sysx.write_atomic(ACNG_CONF_DIR / "acng.conf", _acng_conf())
@@ -204,7 +211,7 @@ def ensure_cache() -> None:
         raise ImcloudError(f"apt-cacher-ng did not start on {CACHE_ADDRESS}:{CACHE_PORT}: {tail}")
 
 
-def stop_cache() -> None:
+def stop_cache(keep_link: bool = False) -> None:
     """Stop the apt-cacher-ng this code started and drop the cache address. Global lock held."""
     pid = cache_pid()
     if pid is not None:
@@ -212,4 +219,5 @@ def stop_cache() -> None:
         if not sysx.wait_until(lambda: not sysx.pid_alive(pid), 10):
             sysx.signal_pids([pid], signal.SIGKILL)
     ACNG_PID_FILE.unlink(missing_ok=True)
-    sysx.delete_link(CACHE_LINK)
+    if not keep_link:
+        sysx.delete_link(CACHE_LINK)

@@ -66,7 +66,8 @@ def test_two_hosts_boot_talk_use_the_cache_and_leave_nothing_behind(lab: Lab) ->
         assert name == host.name and state in ("running", "degraded")
 
     node1, node2 = hosts
-    ping = ssh(node1, f"ping -c 2 -W 2 {node2.address} && ping -c 1 -W 2 node2")
+    ping = ssh(node1, f"ping -c 2 -W 2 {node2.address} && ping -c 1 -W 2 node2 && "
+                      f"ping -c 1 -W 2 {lab.controller_address()}")
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
     routes = ssh(node1, "ip -4 route show default; ip route get 1.1.1.1")
