@@ -1,0 +1,1 @@
+"""The testinfra suite that `imcloud verify` runs against every host of a cloud."""
