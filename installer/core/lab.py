@@ -327,17 +327,18 @@ class Lab:
         report = progress or (lambda _node, _phase: None)
         with self._lock():
             state = self._read_state()
-            if state is not None:
-                if state.get("phase") == "up" and len(state["nodes"]) != nodes:
+            if state is not None and state.get("phase") == "up":
+                if len(state["nodes"]) != nodes:
                     raise ImcloudError(
                         f"lab {self.name} is up with {len(state['nodes'])} nodes, not {nodes}: "
                         f"run `imcloud lab down --name {self.name}` first"
                     )
-                if state.get("phase") == "up" and self._all_ready(state):
+                if self._all_ready(state):
                     for n in state["nodes"]:
                         report(n["name"], "ready (reused)")
                     return [self._host(n) for n in state["nodes"]]
-                self._teardown(report)  # a crashed or half-stopped lab: start clean
+            # Whatever a crash or a half-stopped lab left behind goes first.
+            self._teardown(report, release_cache=False)
             try:
                 return self._boot(nodes, report)
             except BaseException:
@@ -521,11 +522,15 @@ class Lab:
             found.update(p.name for p in (self.dir / "nodes").iterdir())
         return sorted(found, key=lambda n: (len(n), n))
 
-    def _teardown(self, report: Progress) -> None:
+    def _teardown(self, report: Progress, release_cache: bool = True) -> None:
         nodes = self._node_names_present()
         for node in nodes:
             report(node, "stopping")
-            sysx.signal_pids(sysx.nspawn_pids(self.netns(node)), signal.SIGTERM)
+            nspawn = sysx.nspawn_pids(self.netns(node))
+            if nspawn:  # orderly: systemd-nspawn powers the host's systemd off
+                sysx.signal_pids(nspawn, signal.SIGTERM)
+            else:  # its systemd-nspawn died (crash): nobody to power it off cleanly
+                sysx.signal_pids(sysx.netns_pids(self.netns(node)), signal.SIGKILL)
         for node in nodes:
             netns = self.netns(node)
             if not sysx.wait_until(lambda ns=netns: not sysx.nspawn_pids(ns)
@@ -545,5 +550,5 @@ class Lab:
         sysx.delete_nft_table(self.nft_table)
         with sysx.file_lock(GLOBAL_LOCK):
             shutil.rmtree(self.dir, ignore_errors=True)
-            if not list_labs():
+            if release_cache and not list_labs():
                 base.stop_cache()

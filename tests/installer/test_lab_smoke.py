@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,3 +113,18 @@ def test_two_hosts_boot_talk_use_the_cache_and_leave_nothing_behind(lab: Lab) ->
     lab.down()  # safe twice
     if not list_labs():
         assert lab_base.cache_pid() is None
+
+
+def test_up_and_down_recover_from_a_crash(lab: Lab) -> None:
+    lab.up(1)
+    netns = lab.netns("node1")
+    # Crash 1: systemd-nspawn killed hard and the state file lost; the host's processes linger.
+    lab_system.signal_pids(lab_system.nspawn_pids(netns), signal.SIGKILL)
+    lab.state_path.unlink()
+    assert lab_system.netns_exists(netns)
+    (host,) = lab.up(1)  # cleans the leftovers, boots afresh
+    assert ssh(host, "true").returncode == 0
+    # Crash 2: state lost while the host runs; down still finds and removes everything.
+    lab.state_path.unlink()
+    lab.down()
+    assert leftovers(lab, ["node1"]) == []
