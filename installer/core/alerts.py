@@ -237,11 +237,11 @@ def send_test_alerts(
     if not receivers:
         raise ImcloudError("no alert receivers configured (alerts.receivers in imcloud.yml)")
     run_id = uuid.uuid4().hex[:8]
-    results = []
-    for index, receiver in enumerate(receivers):
-        if index and not results[-1].accepted:
-            time.sleep(settle)
+    results: list[ReceiverResult] = []
+    for receiver in receivers:
         name, integration = receiver["name"], receiver["type"]
+        if results and not results[-1].accepted and results[-1].integration == integration:
+            time.sleep(settle)
         done_before, failed_before = _notification_counts(alertmanager, integration)
         now = datetime.now(UTC)
         alertmanager.post_json(
