@@ -95,15 +95,19 @@ class Fanout:
         ]
 
     async def stop(self) -> None:
+        """Best effort, bounded: Redis may be the thing that is down."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:
-            await asyncio.wait_for(self.redis.delete(f"im:node:{self.node}"), 1)
-        except (RedisError, OSError, TimeoutError):
-            pass
-        await self.redis.aclose()
-        await self._sub_redis.aclose()
+        await asyncio.wait(self._tasks, timeout=2)
+        for step in (
+            self.redis.delete(f"im:node:{self.node}"),
+            self.redis.aclose(),
+            self._sub_redis.aclose(),
+        ):
+            try:
+                await asyncio.wait_for(step, 2)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("redis shutdown step failed: %r", exc)
 
     def publish(self, records: Sequence[Record]) -> None:
         """Queue records for the other nodes; never blocks the caller."""

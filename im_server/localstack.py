@@ -55,7 +55,7 @@ class Postgres:
         self.proc: subprocess.Popen[bytes] | None = None
         self._as: list[str] = []
         if os.geteuid() == 0:
-            self._as = ["runuser", "-u", "postgres", "--"]
+            self._as = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
         self.dsn = f"postgresql://im@127.0.0.1:{self.port}/im"
 
     def _chown(self, path: Path) -> None:

@@ -252,6 +252,18 @@ class SeqTracker:
         """Record a seq this client already has (its own acked send); returns released items."""
         return self.offer(conv, seq, None)
 
+    def start_at(self, conv: int, seq: int) -> list[object]:
+        """Adopt the server's starting position for a conversation this client never saw."""
+        if conv in self._pos or seq <= 0:
+            return []
+        self._pos[conv] = seq
+        held = self._held.pop(conv, {})
+        out: list[object] = []
+        for s in sorted(held):
+            if s > seq:
+                out.extend(self.offer(conv, s, held[s]))
+        return out
+
     def offer(self, conv: int, seq: int, item: object) -> list[object]:
         pos = self._pos.get(conv, 0)
         if seq <= pos:

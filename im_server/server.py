@@ -365,9 +365,10 @@ class Node:
         state = await self.storage.sync_state(conn.user, conn.device)
         more: list[int] = []
         heads: dict[str, int] = {}
+        starts: dict[str, int] = {}
         for conv, last_seq, stored in state:
             heads[str(conv)] = last_seq
-            pos = given.get(conv, stored)
+            pos = starts[str(conv)] = given.get(conv, stored)
             if last_seq <= pos:
                 continue
             rows = await self.storage.messages_after(conv, pos, SYNC_LIMIT)
@@ -376,7 +377,8 @@ class Node:
             if rows and rows[-1]["seq"] < last_seq:
                 more.append(conv)
         self.metrics.db.labels("sync").observe(time.perf_counter() - started)
-        conn.send(encode({"type": "synced", "ref": frame.ref, "heads": heads, "more": more}))
+        conn.send(encode({"type": "synced", "ref": frame.ref, "heads": heads, "from": starts,
+                          "more": more}))
 
     def _committed(self, batch: list[Send]) -> None:
         """Writer callback, in commit order: ack each send, then fan out once per message."""
@@ -613,8 +615,8 @@ def _conv_id(request: web.Request) -> int:
         raise ApiError(400, "bad_request", "conversation id must be an integer") from None
 
 
-def _conv_event(node: Node, users: Sequence[int], event: str, conv: int, **extra: Any) -> None:
-    node.broadcast(users, encode({"type": "conv", "event": event, "conv": conv, **extra}))
+def _conv_event(node: Node, to: Sequence[int], event: str, conv: int, **extra: Any) -> None:
+    node.broadcast(to, encode({"type": "conv", "event": event, "conv": conv, **extra}))
 
 
 async def list_conversations(request: web.Request) -> web.Response:
@@ -748,7 +750,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if not active:
         raise ApiError(401, "token_revoked", "device logged out or user disabled")
     ws = web.WebSocketResponse(
-        max_msg_size=node.settings.max_frame_bytes, compress=False, heartbeat=30.0
+        max_msg_size=node.settings.max_frame_bytes, compress=False, heartbeat=30.0, timeout=2.0
     )
     await ws.prepare(request)
     conn = Conn(node, ws, request, claims)

@@ -296,7 +296,7 @@ class Storage:
         return (
             await self.pool.fetchval(
                 "INSERT INTO device_positions (device_id, conversation_id, received_seq)"
-                " SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM members"
+                " SELECT $1::bigint, $2::bigint, $3::bigint WHERE EXISTS (SELECT 1 FROM members"
                 "  WHERE conversation_id = $2 AND user_id = $4)"
                 " ON CONFLICT (device_id, conversation_id) DO UPDATE"
                 " SET received_seq = GREATEST(device_positions.received_seq, EXCLUDED.received_seq)"
