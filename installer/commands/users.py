@@ -1,17 +1,78 @@
-"""imcloud users (placeholder until its owner lands it)."""
+"""imcloud users: add, list and disable IM users through the admin API."""
 
 from __future__ import annotations
 
+import sys
+from typing import Annotated
+
 import typer
+from rich.table import Table
 
-from installer.console import operator_errors
-from installer.errors import ImcloudError
+from installer.commands.options import CloudDir, JsonOutput
+from installer.console import console, operator_errors, print_json
+from installer.core import users as core
+from installer.core.cloud import DEFAULT_CLOUD_DIR, Cloud
 
-app = typer.Typer(help="users", no_args_is_help=True)
+app = typer.Typer(
+    help="Add, list and disable users of the IM cloud (through its admin API).",
+    no_args_is_help=True,
+)
+
+Name = Annotated[str, typer.Argument(help="User name: letters, digits, '.', '_', '-'.")]
 
 
-@app.command("placeholder")
+@app.command("add")
 @operator_errors
-def users() -> None:
-    """Not built yet."""
-    raise ImcloudError("imcloud users is not built yet")
+def add(
+    name: Name,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Read the password from stdin (first line) instead of generating one.",
+        ),
+    ] = False,
+    cloud: CloudDir = DEFAULT_CLOUD_DIR,
+    json_output: JsonOutput = False,
+) -> None:
+    """Create a user. Without --password-stdin a random password is generated and shown once."""
+    core.check_username(name)
+    if password_stdin:
+        password = core.check_password(sys.stdin.readline().rstrip("\r\n"))
+    else:
+        password = core.generate_password()
+    created = core.add_user(Cloud.load(cloud), name, password)
+    if json_output:
+        print_json({**created, **({} if password_stdin else {"password": password})})
+        return
+    console.print(f"created user [bold]{created['username']}[/] (id {created['id']})")
+    if not password_stdin:
+        console.print(f"password (shown once): {password}", highlight=False, markup=False)
+
+
+@app.command("list")
+@operator_errors
+def list_(cloud: CloudDir = DEFAULT_CLOUD_DIR, json_output: JsonOutput = False) -> None:
+    """List every user with id, state and creation time."""
+    users = core.list_users(Cloud.load(cloud))
+    if json_output:
+        print_json(users)
+        return
+    table = Table(title=f"{len(users)} user(s)")
+    for column in ("id", "username", "state", "created"):
+        table.add_column(column)
+    for user in users:
+        state = "[red]disabled[/]" if user["disabled"] else "active"
+        table.add_row(str(user["id"]), user["username"], state, user["created_at"])
+    console.print(table)
+
+
+@app.command("disable")
+@operator_errors
+def disable(name: Name, cloud: CloudDir = DEFAULT_CLOUD_DIR) -> None:
+    """Disable a user: revoke their tokens and disconnect their devices."""
+    result = core.disable_user(Cloud.load(cloud), name)
+    console.print(
+        f"disabled user [bold]{name}[/] (id {result['id']}), "
+        f"{result['revoked_devices']} device(s) signed out"
+    )

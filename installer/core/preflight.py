@@ -477,9 +477,7 @@ def ssh_failure(host: Host, stderr: str) -> Finding:
         if needle in lowered:
             return Finding("ssh", False, detail, fix)
     last = text.splitlines()[-1] if text else "no output"
-    return Finding(
-        "ssh", False, f"SSH to {where} failed: {last}", "run `ssh` by hand to see why"
-    )
+    return Finding("ssh", False, f"SSH to {where} failed: {last}", "run `ssh` by hand to see why")
 
 
 # -- I/O --------------------------------------------------------------------------
@@ -531,4 +529,3 @@ def check_cloud(cloud: Cloud) -> CheckReport:
     with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
         reports = list(pool.map(lambda h: probe_host(h, profile), hosts))
     return CheckReport(hosts=reports)
-

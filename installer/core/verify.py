@@ -285,9 +285,7 @@ def run_verify(
         with open(log_path, "wb") as log, open(results_path) as feed:
             log.write(f"$ {' '.join(command)}\n".encode())
             log.flush()
-            proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp
-            )
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
             pending = ""
             while True:
                 finished = proc.poll() is not None

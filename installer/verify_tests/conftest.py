@@ -81,9 +81,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     argname, func = expand.args
     cases = [(h, value) for h in hosts for value in func(cloud, h)]
-    metafunc.parametrize(
-        ("node", argname), cases, ids=[f"{h.name}-{value}" for h, value in cases]
-    )
+    metafunc.parametrize(("node", argname), cases, ids=[f"{h.name}-{value}" for h, value in cases])
 
 
 @pytest.fixture(scope="session")

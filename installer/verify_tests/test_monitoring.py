@@ -92,9 +92,11 @@ def test_watchdog_firing_in_alertmanager(api: Callable[[str], Any]) -> None:
         if any(a["status"]["state"] == "active" for a in alerts):
             return None
         firing = api("/prometheus/api/v1/alerts")["alerts"]
-        where = "firing in Prometheus" if any(
-            a["labels"].get("alertname") == "Watchdog" for a in firing
-        ) else "not firing in Prometheus either"
+        where = (
+            "firing in Prometheus"
+            if any(a["labels"].get("alertname") == "Watchdog" for a in firing)
+            else "not firing in Prometheus either"
+        )
         return f"Watchdog alert is not active in Alertmanager ({where})"
 
     _eventually(check)

@@ -37,8 +37,7 @@ def test_im_server_env_file_mode(infra: Any) -> None:
 
 def test_private_keys_not_readable_by_others(infra: Any) -> None:
     found = infra.run(
-        "grep -rlIs --exclude-dir=ssh -e '-----BEGIN [A-Z ]*PRIVATE KEY-----' "
-        f"{SEARCH_ROOTS}"
+        f"grep -rlIs --exclude-dir=ssh -e '-----BEGIN [A-Z ]*PRIVATE KEY-----' {SEARCH_ROOTS}"
     ).stdout.split()
     bad = [
         f"{name} {oct(mode)} {owner}"

@@ -20,9 +20,7 @@ def _loopback(address: str) -> bool:
 
 
 def _show(listeners: list[Listener]) -> str:
-    return ", ".join(
-        f"{x.address}:{x.port} ({'/'.join(x.processes) or '?'})" for x in listeners
-    )
+    return ", ".join(f"{x.address}:{x.port} ({'/'.join(x.processes) or '?'})" for x in listeners)
 
 
 def test_public_services_listen(node: Host, listeners: list[Listener]) -> None:
