@@ -52,10 +52,11 @@ MINIMUMS: dict[str, dict[str, Minimum]] = {
     },
 }
 
-#: TCP ports each role listens on (docs/architecture.md, "Ports"); node exporter on every host.
+#: TCP ports each role listens on (docs/architecture.md, "Ports"); node exporter on every host;
+#: mtail (nginx status codes for Prometheus, exporters role) on the load balancer.
 ROLE_PORTS: dict[str, tuple[int, ...]] = {
     "*": (9100,),
-    "lb": (80, 443, 9113),
+    "lb": (80, 443, 9113, 3903),
     "app": (8080,),
     "db": (5432, 9187),
     "cache": (6379, 9121),
@@ -70,6 +71,7 @@ OWN_PROCESS_PREFIXES: dict[int, tuple[str, ...]] = {
     8080: ("python",),
     5432: ("postgres",),
     6379: ("redis-server",),
+    3903: ("mtail",),
     **dict.fromkeys((9090, 9093, 9100, 9113, 9115, 9121, 9187), ("prometheus",)),
 }
 

@@ -48,14 +48,14 @@ SERVICES: dict[str, tuple[str, ...]] = {
 #: Installed only when the cloud has a monitoring host (exporters feed it).
 MONITORING_SERVICES: dict[str, tuple[str, ...]] = {
     "*": ("prometheus-node-exporter",),
-    "lb": ("prometheus-nginx-exporter",),
+    "lb": ("prometheus-nginx-exporter", "mtail"),
     "db": ("prometheus-postgres-exporter",),
     "cache": ("prometheus-redis-exporter",),
     "monitoring": ("prometheus", "prometheus-alertmanager", "prometheus-blackbox-exporter"),
 }
 #: Every internal port of the design; none may answer a client outside the cluster.
-INTERNAL_PORTS: tuple[int, ...] = (8080, 5432, 6379, 9100, 9187, 9121, 9113, 9115, 9090, 9093)
-EXPORTER_PORTS: frozenset[int] = frozenset({9100, 9187, 9121, 9113, 9115, 9090, 9093})
+INTERNAL_PORTS: tuple[int, ...] = (8080, 5432, 6379, 9100, 9187, 9121, 9113, 3903, 9115, 9090, 9093)
+EXPORTER_PORTS: frozenset[int] = frozenset({9100, 9187, 9121, 9113, 3903, 9115, 9090, 9093})
 #: Private keys and files holding secrets may not be readable by "other"; keys not
 #: writable by the group either.
 KEY_FORBIDDEN_BITS = 0o027

@@ -53,7 +53,7 @@ def test_expectations_follow_roles_and_monitoring(tmp_path: Path) -> None:
     )
     assert verify.public_ports(lb1) == {22, 80, 443}
     assert verify.public_ports(app1) == {22}
-    assert verify.internal_ports(cloud, lb1) == {9100, 9113}
+    assert verify.internal_ports(cloud, lb1) == {9100, 9113, 3903}
     assert verify.internal_ports(cloud, app1) == {8080, 9100}
     assert {5432, 6379, 9090, 9093} <= verify.internal_ports(cloud, data1)
 
