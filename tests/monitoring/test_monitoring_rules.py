@@ -114,3 +114,5 @@ def test_no_runbook_without_alert() -> None:
     names = {rule["alert"] for rule in _alert_rules()}
     runbooks = {p.stem for p in (ROOT / "docs/runbooks").glob("*.md")} - {"README"}
     assert runbooks - names == set()
+    index = (ROOT / "docs/runbooks/README.md").read_text()
+    assert {n for n in names if f"[{n}]({n}.md)" not in index} == set(), "README index is stale"
