@@ -239,6 +239,7 @@ class Client:
         except aiohttp.WSServerHandshakeError as exc:
             raise ImError("ws_refused", f"{exc.status} {exc.message}", exc.status) from None
         hello = orjson.loads((await ws.receive(timeout=10)).data)
+        self._http.base_url = url  # HTTP calls follow the node we are connected to
         self.user_id, self.device_id, self.node = hello["user"], hello["device"], hello["node"]
         self._ws = ws
         self._connected.set()
@@ -253,9 +254,10 @@ class Client:
                     self._dispatch(orjson.loads(msg.data))
             self._connected.clear()
             self.close_code = ws.close_code
-            for fut in self._requests.values():
+            lost = ImError("unavailable", f"socket closed ({ws.close_code})")
+            for fut in [*self._requests.values(), *self._pending.values()]:
                 if not fut.done():
-                    fut.set_exception(ImError("disconnected", f"socket closed ({ws.close_code})"))
+                    fut.set_exception(lost)  # sends retry with the same cid once reconnected
             if self._closed or not self._reconnect or ws.close_code in _FATAL_CLOSE:
                 break
             await self._reopen()

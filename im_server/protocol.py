@@ -273,12 +273,14 @@ class SeqTracker:
             return []
         held[seq] = item
         out: list[object] = []
+        start = pos
         while pos + 1 in held:
             pos += 1
             got = held.pop(pos)
             if got is not None:
                 out.append(got)
-        self._pos[conv] = pos
+        if pos != start:
+            self._pos[conv] = pos
         if not held:
             del self._held[conv]
         return out
