@@ -52,6 +52,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -386,9 +387,14 @@ class Lab:
             self._start_node(node)
         sysx.write_atomic(self.known_hosts_path, render_known_hosts(known))
         hosts = [self._host(n) for n in state["nodes"]]
+        give_up = threading.Event()  # one host failing stops the others' waits
         with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
-            for fut in [pool.submit(self._wait_ready, h, report) for h in hosts]:
-                fut.result()
+            futures = [pool.submit(self._wait_ready, h, report, give_up) for h in hosts]
+            try:
+                for fut in futures:
+                    fut.result()
+            finally:
+                give_up.set()
         sysx.write_atomic(self.inventory_path, render_inventory(hosts, self.name))
         state["phase"] = "up"
         self._write_state(state)
@@ -466,12 +472,12 @@ class Lab:
             return "unreachable"
         return proc.stdout.strip() or "unknown"
 
-    def _wait_ready(self, host: LabHost, report: Progress) -> None:
+    def _wait_ready(self, host: LabHost, report: Progress, give_up: threading.Event) -> None:
         deadline = time.monotonic() + BOOT_TIMEOUT
         report(host.name, "booting")
         phase = "booting"
         state = "unreachable"
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not give_up.is_set():
             if not self._node_running(host.name):
                 raise ImcloudError(f"lab host {host.name} stopped while booting: "
                                    f"{self._console_tail(host.name)}")
@@ -487,6 +493,8 @@ class Lab:
                     report(host.name, f"ready ({state})")
                     return
             time.sleep(0.5)
+        if give_up.is_set():
+            return
         raise ImcloudError(f"lab host {host.name} not ready after {BOOT_TIMEOUT:.0f} s "
                            f"(system state: {state}): {self._console_tail(host.name)}")
 
