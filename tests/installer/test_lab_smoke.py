@@ -67,6 +67,11 @@ def test_two_hosts_boot_talk_use_the_cache_and_leave_nothing_behind(lab: Lab) ->
         assert name == host.name and state in ("running", "degraded")
 
     node1, node2 = hosts
+    # Host keys are made per host (not shared from the base), and SSH checked them strictly.
+    keys = [line.split()[2] for line in lab.known_hosts_path.read_text().splitlines()
+            if " ssh-ed25519 " in line]
+    assert len(keys) == 2 and keys[0] != keys[1]
+
     ping = ssh(node1, f"ping -c 2 -W 2 {node2.address} && ping -c 1 -W 2 node2 && "
                       f"ping -c 1 -W 2 {lab.controller_address()}")
     assert ping.returncode == 0, ping.stdout + ping.stderr
