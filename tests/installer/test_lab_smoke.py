@@ -120,6 +120,7 @@ def test_two_hosts_boot_talk_use_the_cache_and_leave_nothing_behind(lab: Lab) ->
         assert lab_base.cache_pid() is None
 
 
+@pytest.mark.timeout(600)
 def test_up_and_down_recover_from_a_crash(lab: Lab) -> None:
     lab.up(1)
     netns = lab.netns("node1")
