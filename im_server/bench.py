@@ -1,0 +1,397 @@
+"""Load generator: ``python -m im_server.bench`` (see docs/benchmarks.md).
+
+Open loop: message k is due at ``start + k / rate`` whatever the server does, and
+both latencies are measured from that intended time, so a stalled server shows up
+as latency instead of a slower schedule (no coordinated omission). Every receiver
+checks exactly-once, in-order delivery per conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import ssl
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import uvloop
+
+from .client import AdminClient, Client, ImError
+from .localstack import Stack
+
+__all__ = ["main"]
+
+PASSWORD = "bench-password-1"
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Stats:
+    sent: int = 0
+    ack_ms: list[float] = field(default_factory=list)
+    deliver_ms: list[float] = field(default_factory=list)
+    acked: dict[str, tuple[int, int]] = field(default_factory=dict)  # cid -> (conv, seq)
+    delivered: dict[str, int] = field(default_factory=dict)  # cid -> times delivered
+    reordered: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    last_delivery: float = 0.0
+
+
+class Conn:
+    """A raw, lean WebSocket for one user: the bench must not be the bottleneck."""
+
+    def __init__(self, stats: Stats, base: float) -> None:
+        self.stats = stats
+        self.base = base
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.intended: dict[str, float] = {}
+        self.last_seq: dict[int, int] = {}
+        self.waiter: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.frames: dict[str, bytes] = {}
+
+    async def open(self, session: aiohttp.ClientSession, url: str, token: str,
+                   kw: dict[str, Any]) -> None:
+        ws_url = url.replace("http", "ws", 1) + "/ws"
+        headers = {**kw.get("headers", {}), "Authorization": f"Bearer {token}"}
+        self.ws = await session.ws_connect(ws_url, headers=headers, compress=0,
+                                           max_msg_size=0, **{k: v for k, v in kw.items()
+                                                              if k != "headers"})
+        await self.ws.receive(timeout=30)  # hello
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        stats = self.stats
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            now = time.monotonic()
+            frame = orjson.loads(msg.data)
+            kind = frame["type"]
+            if kind == "msg":
+                body = frame["body"]
+                if not isinstance(body, dict) or "t" not in body:
+                    continue
+                cid = frame["cid"]
+                count = stats.delivered.get(cid, 0)
+                stats.delivered[cid] = count + 1
+                if count == 0:
+                    stats.deliver_ms.append((now - self.base - body["t"]) * 1000)
+                conv, seq = frame["conv"], frame["seq"]
+                if seq < self.last_seq.get(conv, 0):
+                    stats.reordered += 1
+                else:
+                    self.last_seq[conv] = seq
+                stats.last_delivery = now
+            elif kind == "ack":
+                cid = frame["cid"]
+                sent_at = self.intended.pop(cid, None)
+                self.frames.pop(cid, None)
+                if cid not in stats.acked and sent_at is not None:
+                    stats.ack_ms.append((now - sent_at) * 1000)
+                stats.acked[cid] = (frame["conv"], frame["seq"])
+                if self.waiter and not self.waiter.done():
+                    self.waiter.set_result(None)
+            elif kind == "error":
+                code = frame.get("code", "?")
+                stats.errors[code] = stats.errors.get(code, 0) + 1
+                ref = frame.get("ref")
+                if code in ("unavailable", "rate_limited", "draining") and ref in self.frames:
+                    asyncio.get_running_loop().call_later(0.1, self._resend, ref)
+
+    def _resend(self, cid: str) -> None:
+        frame = self.frames.get(cid)
+        if frame is not None and self.ws is not None and not self.ws.closed:
+            asyncio.ensure_future(self.ws.send_bytes(frame))
+
+    async def send(self, conv: int, intended: float, n: int) -> None:
+        cid = uuid.uuid4().hex
+        frame = orjson.dumps({"type": "send", "conv": conv, "cid": cid,
+                              "body": {"t": intended - self.base, "n": n, "pad": "x" * 40}})
+        self.intended[cid] = intended
+        self.frames[cid] = frame
+        self.stats.sent += 1
+        assert self.ws is not None
+        await self.ws.send_bytes(frame)
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self.task is not None:
+            await asyncio.wait([self.task], timeout=5)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, urls: Sequence[str], admin_token: str) -> None:
+        self.args = args
+        self.urls = list(urls)
+        self.admin_token = admin_token
+        self.run_id = uuid.uuid4().hex[:6]
+        ctx: ssl.SSLContext | None = None
+        if args.ca_file:
+            ctx = ssl.create_default_context(cafile=args.ca_file)
+        self.client_kw: dict[str, Any] = {"ssl_context": ctx,
+                                          "server_hostname": args.server_hostname}
+        self.ws_kw: dict[str, Any] = {}
+        if urls[0].startswith("https"):
+            self.ws_kw["ssl"] = ctx if ctx is not None else True
+            if args.server_hostname:
+                self.ws_kw["server_hostname"] = args.server_hostname
+                self.ws_kw["headers"] = {"Host": args.server_hostname}
+
+    async def users(self, count: int) -> list[Client]:
+        """Create ``count`` users and log each in on node ``i % nodes``."""
+        names = [f"bench{self.run_id}u{i}" for i in range(count)]
+        sem = asyncio.Semaphore(16)
+
+        async def create(name: str) -> None:
+            async with sem:
+                await admin.create_user(name, PASSWORD)
+
+        async def login(i: int, name: str) -> Client:
+            async with sem:
+                return await Client.login(self.urls[i % len(self.urls)], name, PASSWORD,
+                                          device_name="bench", **self.client_kw)
+
+        async with AdminClient(self.urls[0], self.admin_token, **self.client_kw) as admin:
+            await asyncio.gather(*[create(n) for n in names])
+        return list(await asyncio.gather(*[login(i, n) for i, n in enumerate(names)]))
+
+    async def load(self) -> dict[str, Any]:
+        args = self.args
+        users = await self.users(args.users - args.users % 2)
+        # pair 2i with 2i+1: logged in on nodes i and i+1, so with --spawn N >= 2 every
+        # conversation crosses nodes
+        pairs = [(users[i], users[i + 1]) for i in range(0, len(users), 2)]
+        convs = await asyncio.gather(*[a.direct(b.user_id) for a, b in pairs])
+        base = time.monotonic()
+        stats = Stats()
+        session = aiohttp.ClientSession()
+        conns: dict[int, Conn] = {}
+        sem = asyncio.Semaphore(32)
+
+        async def open_conn(c: Client) -> None:
+            conn = Conn(stats, base)
+            async with sem:
+                await conn.open(session, c._http.base_url, c.access_token, self.ws_kw)
+            conns[c.user_id] = conn
+
+        await asyncio.gather(*[open_conn(c) for c in users])
+        for conn in conns.values():
+            conn.start()
+        routes = [(conns[a.user_id], conv) for (a, _), conv in zip(pairs, convs, strict=True)]
+        routes += [(conns[b.user_id], conv) for (_, b), conv in zip(pairs, convs, strict=True)]
+        total = int(args.rate * args.duration)
+        start = time.monotonic() + 0.2
+        loop_lag: list[float] = []
+        for k in range(total):
+            due = start + k / args.rate
+            now = time.monotonic()
+            if due > now + 0.0005:
+                await asyncio.sleep(due - now)
+                loop_lag.append(time.monotonic() - due)
+            conn, conv = routes[k % len(routes)]
+            await conn.send(conv, due, k)
+        send_end = time.monotonic()
+        deadline = send_end + args.grace
+        while time.monotonic() < deadline:
+            acked = stats.acked
+            if len(acked) >= stats.sent and all(cid in stats.delivered for cid in acked):
+                break
+            await asyncio.sleep(0.05)
+        for conn in conns.values():
+            await conn.close()
+        await session.close()
+        for c in users:
+            await c.close()
+        acked_cids = set(stats.acked)
+        delivered = sum(1 for cid in acked_cids if cid in stats.delivered)
+        duplicates = sum(n - 1 for n in stats.delivered.values() if n > 1)
+        seqs = {}
+        for conv, seq in stats.acked.values():
+            seqs.setdefault(conv, []).append(seq)
+        gap_convs = sum(1 for s in seqs.values() if sorted(s) != list(range(1, len(s) + 1)))
+        span = max(stats.last_delivery - start, 1e-9)
+        return {
+            "mode": "load", "users": len(users), "rate": args.rate, "duration_s": args.duration,
+            "sent": stats.sent, "acked": len(acked_cids), "delivered": delivered,
+            "lost": len(acked_cids) - delivered, "duplicates": duplicates,
+            "reordered": stats.reordered, "seq_gaps": gap_convs,
+            "msgs_per_s": round(delivered / span, 1),
+            "send_window_s": round(send_end - start, 3),
+            "ack_p50_ms": round(_pct(stats.ack_ms, 0.5), 2),
+            "ack_p99_ms": round(_pct(stats.ack_ms, 0.99), 2),
+            "deliver_p50_ms": round(_pct(stats.deliver_ms, 0.5), 2),
+            "deliver_p99_ms": round(_pct(stats.deliver_ms, 0.99), 2),
+            "deliver_max_ms": round(max(stats.deliver_ms, default=float("nan")), 2),
+            "scheduler_lag_p99_ms": round(_pct(loop_lag, 0.99) * 1000, 2),
+            "errors": stats.errors,
+        }
+
+    async def serial(self) -> dict[str, Any]:
+        a, b = await self.users(2)
+        conv = await a.direct(b.user_id)
+        stats = Stats()
+        base = time.monotonic()
+        session = aiohttp.ClientSession()
+        conn = Conn(stats, base)
+        await conn.open(session, a._http.base_url, a.access_token, self.ws_kw)
+        conn.start()
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        for n in range(self.args.serial):
+            conn.waiter = loop.create_future()
+            await conn.send(conv, time.monotonic(), n)
+            await asyncio.wait_for(conn.waiter, 30)
+        total = time.monotonic() - started
+        await conn.close()
+        await session.close()
+        for c in (a, b):
+            await c.close()
+        return {"mode": "serial", "sent": stats.sent, "acked": len(stats.acked),
+                "serial_total_s": round(total, 3),
+                "ack_p50_ms": round(_pct(stats.ack_ms, 0.5), 3),
+                "ack_p99_ms": round(_pct(stats.ack_ms, 0.99), 3)}
+
+    async def idle(self, pids: list[int]) -> dict[str, Any]:
+        """Open N idle authenticated sockets; server RSS growth per socket (needs --spawn)."""
+        import psutil
+
+        count = self.args.idle
+        logins = await self.users(min(count, 100))
+        procs = [psutil.Process(p) for p in pids]
+        await asyncio.sleep(1)
+        before = sum(p.memory_info().rss for p in procs)
+        stats = Stats()
+        sessions = []
+        conns = []
+        sem = asyncio.Semaphore(64)
+
+        async def open_one(i: int) -> None:
+            # several 127.0.0.x source addresses keep clear of ephemeral port limits
+            session = sessions[i % len(sessions)]
+            c = logins[i % len(logins)]
+            conn = Conn(stats, 0.0)
+            async with sem:
+                await conn.open(session, c._http.base_url, c.access_token, self.ws_kw)
+            conns.append(conn)
+
+        for j in range(max(1, count // 20000 + 1)):
+            connector = aiohttp.TCPConnector(limit=0, local_addr=(f"127.0.0.{j + 2}", 0))
+            sessions.append(aiohttp.ClientSession(connector=connector))
+        await asyncio.gather(*[open_one(i) for i in range(count)])
+        await asyncio.sleep(3)
+        after = sum(p.memory_info().rss for p in procs)
+        for conn in conns:
+            await conn.close()
+        for session in sessions:
+            await session.close()
+        for c in logins:
+            await c.close()
+        return {"mode": "idle", "connections": len(conns),
+                "server_rss_before_mib": round(before / 2**20, 1),
+                "server_rss_after_mib": round(after / 2**20, 1),
+                "kib_per_connection": round((after - before) / max(1, len(conns)) / 1024, 2)}
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    stack: Stack | None = None
+    pids: list[int] = []
+    try:
+        if args.spawn:
+            stack = Stack(database_url=args.database_url, redis_url=args.redis_url,
+                          extra_env={"IM_LOG_LEVEL": "WARNING"})
+            await asyncio.to_thread(stack.start)
+            for _ in range(args.spawn):
+                await asyncio.to_thread(stack.add_server)
+            urls = [s.url for s in stack.servers]
+            pids = [s.proc.pid for s in stack.servers if s.proc]
+            admin_token = stack.admin_token
+        else:
+            urls = [args.url.rstrip("/")]
+            admin_token = args.admin_token or os.environ.get("IM_ADMIN_TOKEN", "")
+            if not admin_token:
+                raise SystemExit("bench: --url needs --admin-token (or IM_ADMIN_TOKEN)")
+        bench = Bench(args, urls, admin_token)
+        load_before = os.getloadavg()[0]
+        if args.serial:
+            result = await bench.serial()
+        elif args.idle:
+            if not pids:
+                raise SystemExit("bench: --idle measures server memory, so it needs --spawn")
+            result = await bench.idle(pids)
+        else:
+            result = await bench.load()
+        result["nodes"] = len(urls)
+        result["loadavg_1m_before"] = round(load_before, 2)
+        result["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+        return result
+    finally:
+        if stack is not None:
+            await asyncio.to_thread(stack.close)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m im_server.bench", description=__doc__)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running server or cloud, http(s)://host[:port]")
+    target.add_argument("--spawn", type=int, metavar="N",
+                        help="start N local server processes (and throwaway PostgreSQL/Redis)")
+    parser.add_argument("--database-url", help="with --spawn: use this PostgreSQL")
+    parser.add_argument("--redis-url", help="with --spawn: use this Redis")
+    parser.add_argument("--admin-token", help="with --url: the cloud's admin token")
+    parser.add_argument("--ca-file", help="CA bundle for https:// targets")
+    parser.add_argument("--server-hostname", help="TLS name (and Host) when --url is an IP")
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=1000.0, help="messages/s in total")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of sending")
+    parser.add_argument("--grace", type=float, default=15.0,
+                        help="seconds to wait for outstanding acks/deliveries")
+    parser.add_argument("--serial", type=int, metavar="N",
+                        help="instead: N sends one after another, each waiting for its ack")
+    parser.add_argument("--idle", type=int, metavar="N",
+                        help="instead: N idle connections, report server memory per connection")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = parser.parse_args(argv)
+    if args.users < 2:
+        parser.error("--users must be at least 2")
+    _raise_nofile()
+    try:
+        result = uvloop.run(_run(args))
+    except (ImError, aiohttp.ClientError, OSError, RuntimeError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    for key, value in result.items():
+        print(f"{key:>24}: {value}")
+    if args.json:
+        print(orjson.dumps(result).decode())
+    bad = result.get("lost", 0) or result.get("duplicates", 0) or result.get("reordered", 0)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
