@@ -15,7 +15,7 @@ Python API (what `imcloud lab`, `quickstart` and the end-to-end tests call)::
     list_labs()                        # names of the labs present on this machine
     # LabHost(name, address, user, private_key_file, known_hosts_file); host.ssh_args()
 
-Layout of one lab (all derived from its name, so `down` works without state):
+Layout of one lab (every name is derived from the lab name, so `down` works without state):
 
 - nodes ``node1``..``nodeN`` at ``10.213.<n>.11``.. on bridge ``imlb-<hash>`` whose
   address ``10.213.<n>.1`` is the gateway; ``<n>`` is picked per lab name
