@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import asyncpg
 
 from .metrics import Metrics
 from .protocol import ErrorCode
+
+log = logging.getLogger("im_server.storage")
 
 __all__ = ["Conflict", "Forbidden", "NotFound", "Send", "Storage", "Writer"]
 
@@ -346,71 +349,7 @@ class Send:
     error: str = ""
 
 
-_LOCK = (
-    "SELECT c.id, c.last_seq,"
-    " ARRAY(SELECT user_id FROM members m WHERE m.conversation_id = c.id)"
-    " FROM conversations c WHERE c.id = ANY($1::bigint[]) ORDER BY c.id FOR UPDATE OF c"
-)
-_DUPS = (
-    "SELECT t.i, m.seq, (extract(epoch FROM m.created_at) * 1000)::bigint"
-    " FROM unnest($1::bigint[], $2::bigint[], $3::text[])"
-    " WITH ORDINALITY AS t(conv, sender, cid, i)"
-    " JOIN messages m ON m.conversation_id = t.conv AND m.sender_id = t.sender"
-    " AND m.client_msg_id = t.cid"
-)
-_INSERT = (
-    "INSERT INTO messages (conversation_id, seq, sender_id, device_id, client_msg_id, body,"
-    " created_at) SELECT c, s, u, d, i, b, to_timestamp(t / 1000.0) FROM unnest($1::bigint[],"
-    " $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bigint[])"
-    " AS x(c, s, u, d, i, b, t)"
-)
-_BUMP = (
-    "UPDATE conversations c SET last_seq = v.s FROM unnest($1::bigint[], $2::bigint[]) AS v(id, s)"
-    " WHERE c.id = v.id"
-)
-
-
-def assign(
-    batch: Sequence[Send],
-    convs: dict[int, tuple[int, Sequence[int]]],
-    existing: dict[int, tuple[int, int]],
-    now_ms: int,
-) -> tuple[list[Send], dict[int, int]]:
-    """Pure seq assignment for one batch.
-
-    Args:
-        batch: pending sends in arrival order.
-        convs: conv id -> (last_seq, members) as locked in this transaction.
-        existing: batch index -> (seq, ts) of a row already stored with that client id.
-        now_ms: commit timestamp for new rows.
-
-    Returns:
-        the sends that need a new row, and conv -> new last_seq.
-    """
-    last = {conv: state[0] for conv, state in convs.items()}
-    fresh: list[Send] = []
-    seen: dict[tuple[int, int, str], Send] = {}
-    for i, item in enumerate(batch):
-        state = convs.get(item.conv)
-        if state is None or item.sender not in state[1]:
-            item.error = ErrorCode.NOT_MEMBER
-            continue
-        item.members = state[1]
-        if i in existing:
-            item.seq, item.ts = existing[i]
-            item.duplicate = True
-            continue
-        key = (item.conv, item.sender, item.cid)
-        first = seen.get(key)
-        if first is not None:  # the same retry twice in one batch
-            item.seq, item.ts, item.duplicate = first.seq, first.ts, True
-            continue
-        last[item.conv] += 1
-        item.seq, item.ts = last[item.conv], now_ms
-        seen[key] = item
-        fresh.append(item)
-    bumped = {conv: seq for conv, seq in last.items() if seq != convs[conv][0]}
-    return fresh, bumped
+_COMMIT = "SELECT * FROM im_commit_batch($1, $2, $3, $4, $5, $6)"  # migration 0002
 
 
 class Writer:
@@ -460,9 +399,14 @@ class Writer:
             except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
                 if attempt == 2:
                     self._fail(batch, "db_conflict")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 self.metrics.db_up.set(0)
+                log.warning("commit of %d sends failed: %r", len(batch), exc)
                 self._fail(batch, "db_unavailable")
+                break
+            except Exception:  # a bug must not stop the node's only writer
+                log.exception("commit of %d sends failed", len(batch))
+                self._fail(batch, "internal")
                 break
         self.metrics.db.labels("commit").observe(time.perf_counter() - started)
         self.metrics.batch.observe(len(batch))
@@ -474,31 +418,25 @@ class Writer:
             item.seq = 0
 
     async def _transaction(self, batch: list[Send]) -> None:
-        for item in batch:
-            item.error, item.seq, item.duplicate = "", 0, False
-        conv_ids = sorted({item.conv for item in batch})
-        async with self.storage.pool.acquire(timeout=5) as conn, conn.transaction():
-            convs = {r[0]: (r[1], r[2]) for r in await conn.fetch(_LOCK, conv_ids)}
-            existing = {
-                r[0] - 1: (r[1], r[2])
-                for r in await conn.fetch(
-                    _DUPS,
-                    [i.conv for i in batch],
-                    [i.sender for i in batch],
-                    [i.cid for i in batch],
-                )
-            }
-            fresh, bumped = assign(batch, convs, existing, _ms())
-            if fresh:
-                await conn.execute(
-                    _INSERT,
-                    [i.conv for i in fresh],
-                    [i.seq for i in fresh],
-                    [i.sender for i in fresh],
-                    [i.device for i in fresh],
-                    [i.cid for i in fresh],
-                    [i.body.decode() for i in fresh],
-                    [i.ts for i in fresh],
-                )
-                await conn.execute(_BUMP, list(bumped), list(bumped.values()))
-        self.metrics.messages.inc(len(fresh))
+        """One statement, one round trip: see migrations/0002_commit_batch.sql."""
+        now = _ms()
+        async with self.storage.pool.acquire(timeout=5) as conn:
+            rows = await conn.fetch(
+                _COMMIT,
+                [i.conv for i in batch],
+                [i.sender for i in batch],
+                [i.device for i in batch],
+                [i.cid for i in batch],
+                [i.body.decode() for i in batch],
+                [now] * len(batch),
+            )
+        fresh = 0
+        for idx, seq, ts, status, members in rows:
+            item = batch[idx - 1]
+            if status == "not_member":
+                item.error, item.seq = ErrorCode.NOT_MEMBER, 0
+                continue
+            item.error, item.seq, item.ts, item.members = "", seq, ts, members
+            item.duplicate = status == "duplicate"
+            fresh += not item.duplicate
+        self.metrics.messages.inc(fresh)

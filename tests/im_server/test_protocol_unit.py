@@ -1,4 +1,4 @@
-"""Pure logic without I/O: frame parsing, rate limiter, seq tracking, seq assignment."""
+"""Pure logic without I/O: frame parsing, rate limiter, seq tracking, fan-out payloads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 
 from im_server.fanout import decode_payload, encode_payload
 from im_server.protocol import ErrorCode, ProtocolError, RateLimiter, SeqTracker, parse_frame
-from im_server.storage import Send, assign
 
 
 @pytest.mark.parametrize(
@@ -72,22 +71,6 @@ def test_seq_tracker_dedups_reorders_and_reports_gaps() -> None:
     assert t.offer(2, 8, "x") == [] and t.start_at(2, 7) == ["x"]
     assert t.start_at(1, 100) == []  # only for conversations it never saw
     assert t.positions() == {1: 5, 2: 8}
-
-
-def _send(conv: int, sender: int, cid: str) -> Send:
-    return Send(conv, sender, 10 + sender, cid, b'"x"', None, 0.0)
-
-
-def test_assign_is_gapless_and_dedups() -> None:
-    batch = [_send(1, 7, "a"), _send(1, 8, "b"), _send(1, 7, "a"), _send(2, 7, "c"),
-             _send(1, 9, "d"), _send(3, 7, "e"), _send(1, 7, "old")]
-    convs = {1: (10, (7, 8)), 2: (0, (7,))}
-    fresh, bumped = assign(batch, convs, existing={6: (4, 123)}, now_ms=999)
-    assert [(s.cid, s.seq) for s in fresh] == [("a", 11), ("b", 12), ("c", 1)]
-    assert (batch[2].seq, batch[2].duplicate) == (11, True)  # retry inside the batch
-    assert (batch[6].seq, batch[6].ts, batch[6].duplicate) == (4, 123, True)  # stored before
-    assert batch[4].error == ErrorCode.NOT_MEMBER and batch[5].error == ErrorCode.NOT_MEMBER
-    assert bumped == {1: 12, 2: 1}
 
 
 def test_fanout_payload_round_trip() -> None:
