@@ -63,6 +63,7 @@ class RunState:
     hosts: dict[str, HostState]
     phases: dict[str, PhaseTiming] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
+    changes: list[tuple[str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -89,7 +90,9 @@ class RunState:
                 host.phase, host.task = phase, data.get("task", "")
             elif kind == "runner_on_ok":
                 host.ok += 1
-                host.changed += bool((data.get("res") or {}).get("changed"))
+                if (data.get("res") or {}).get("changed"):
+                    host.changed += 1
+                    self.changes.append((host_name, data.get("task", "")))
                 self._touch_phase(phase)
             elif kind == "runner_on_skipped":
                 host.skipped += 1
@@ -123,6 +126,7 @@ class RunResult:
     hosts: list[HostState]
     phases: list[PhaseTiming]
     failures: list[Failure]
+    changes: list[tuple[str, str]]
     log_path: Path
 
     @property
@@ -147,6 +151,7 @@ class RunResult:
             },
             "phases": {p.name: round(p.seconds, 1) for p in self.phases},
             "failures": [f.__dict__ for f in self.failures],
+            "changed_tasks": [{"host": h, "task": t} for h, t in self.changes],
             "log": str(self.log_path),
         }
 
@@ -235,6 +240,7 @@ def run_playbook(
         hosts=list(state.hosts.values()),
         phases=sorted(state.phases.values(), key=lambda p: p.started),
         failures=state.failures,
+        changes=state.changes,
         log_path=log_path,
     )
 

@@ -39,6 +39,7 @@ def test_counts_changes_failures_and_phases() -> None:
         ("app2", "Unable to start service imcloud-im-server"),
         ("app1", "ssh: timeout"),
     ]
+    assert state.changes == [("app1", "")]
     assert set(state.phases) == {"common", "im_server"}
     assert state.phases["common"].finished >= state.phases["common"].started
 
