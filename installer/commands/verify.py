@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from installer.commands.options import CloudDir, JsonOutput
@@ -23,7 +24,11 @@ def _table(report: core.VerifyReport) -> Table:
     for column in ("area", "check", "host", "result", "detail"):
         table.add_column(column, overflow="fold")
     for r in report.results:
-        table.add_row(r.area, r.check, r.target, _STYLE.get(r.outcome, r.outcome), r.message)
+        # the host has its own column: "x[node1-nginx]" reads "x nginx", "x[node1]" reads "x"
+        check = r.check.replace(f"[{r.target}-", " ").replace(f"[{r.target}]", "")
+        check = check.replace("[", " ").rstrip("]")
+        outcome = _STYLE.get(r.outcome, escape(r.outcome))
+        table.add_row(r.area, escape(check), r.target, outcome, escape(r.message))
     return table
 
 

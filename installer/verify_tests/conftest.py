@@ -187,4 +187,7 @@ def _message(report: pytest.TestReport) -> str:
     text = str(crash.message) if crash is not None else str(longrepr or "").strip()
     lines = text.strip().splitlines() if crash is not None else text.splitlines()[-1:]
     # The first line says what is wrong; pytest's explanation follows in the log.
-    return lines[0].removeprefix("Failed: ") if lines else ""
+    first = lines[0] if lines else ""
+    for prefix in ("Failed: ", "AssertionError: ", "installer.errors.ImcloudError: "):
+        first = first.removeprefix(prefix)
+    return first

@@ -27,7 +27,8 @@ def api(cloud: Cloud, secrets: dict[str, str]) -> Callable[[str], Any]:
 
     def get(path: str) -> Any:
         status, body = https_request(cloud, "GET", path, basic=auth)
-        assert status == 200, f"GET {path}: HTTP {status} {str(body)[:200]}"
+        detail = body.get("error", "") if isinstance(body, dict) else ""
+        assert status == 200, f"GET {path} through nginx: HTTP {status} {detail}".strip()
         return body["data"] if isinstance(body, dict) and "data" in body else body
 
     return get
