@@ -282,7 +282,8 @@ def evaluate(
             Finding(
                 "os",
                 False,
-                f"runs {pretty}, imcloud needs Debian 12 (bookworm)",
+                f"runs {pretty} (ID={os_release.get('ID', '?')}, "
+                f"VERSION_ID={os_release.get('VERSION_ID', '?')}), imcloud needs Debian 12",
                 "reinstall the host with Debian 12 or choose another host",
             )
         )

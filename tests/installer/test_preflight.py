@@ -134,7 +134,9 @@ def test_wrong_os_no_systemd_no_python_not_root() -> None:
         **{"os-release": UBUNTU, "pid1": "bash", "python": "", "uid": "1000", "sudo": "no"}
     )
     failed = _failed(preflight.evaluate(HOST, "single", sections, 1000.0, 1001.0))
-    assert "Ubuntu 22.04.4 LTS, imcloud needs Debian 12" in failed["os"]
+    assert failed["os"] == (
+        "runs Ubuntu 22.04.4 LTS (ID=ubuntu, VERSION_ID=22.04), imcloud needs Debian 12"
+    )
     assert failed["systemd"] == "PID 1 is bash, not systemd"
     assert failed["python"] == "python3 is missing"
     assert "not root" in failed["privileges"]
