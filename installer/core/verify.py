@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from installer.core.cloud import Cloud, Host
-from installer.core.preflight import ports_for
+from installer.core.preflight import ROLE_PORTS, ports_for
 from installer.errors import ImcloudError
 
 TESTS_DIR = Path(__file__).resolve().parent.parent / "verify_tests"
@@ -54,7 +54,9 @@ MONITORING_SERVICES: dict[str, tuple[str, ...]] = {
     "monitoring": ("prometheus", "prometheus-alertmanager", "prometheus-blackbox-exporter"),
 }
 #: Every internal port of the design; none may answer a client outside the cluster.
-INTERNAL_PORTS: tuple[int, ...] = (8080, 5432, 6379, 9100, 9187, 9121, 9113, 3903, 9115, 9090, 9093)
+INTERNAL_PORTS: tuple[int, ...] = tuple(
+    sorted({p for ports in ROLE_PORTS.values() for p in ports} - {22, 80, 443})
+)
 EXPORTER_PORTS: frozenset[int] = frozenset({9100, 9187, 9121, 9113, 3903, 9115, 9090, 9093})
 #: Private keys and files holding secrets may not be readable by "other"; keys not
 #: writable by the group either.
