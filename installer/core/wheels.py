@@ -10,8 +10,11 @@ A release directory ``<dest>/<release id>/`` holds:
   byte for byte reproducibly (fixed timestamps and order), so the same sources
   give the same release id, from a checkout and from an installed imcloud alike;
 - the wheels of the ``server`` extra's requirements and their dependencies,
-  downloaded for the hosts' platform (Debian 12: CPython 3.11, glibc 2.36);
+  downloaded for the hosts' platform (Debian 12: CPython 3.11, glibc 2.36),
+  plus pip's own wheel (the hosts run pip from it);
 - ``requirements.txt`` (the ``server`` extra) and ``release.json`` (id, target);
+- ``release.tar``: all of the above in one uncompressed archive, so a host gets
+  the release in one transfer instead of one round trip per file;
 - ``.complete``, written last: a directory without it is never used.
 
 Downloads are cached under ``<dest>/.deps/<hash of requirements and target>/``,
@@ -31,6 +34,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -51,7 +55,10 @@ TARGET_PYTHON = "3.11"
 TARGET_PYTHON_FULL = "3.11.2"
 TARGET_GLIBC_MINOR = 36
 COMPLETE_MARKER = ".complete"
+ARCHIVE_NAME = "release.tar"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+#: Bumped when the layout of a release directory changes (invalidates caches).
+_LAYOUT_VERSION = 2
 _DOWNLOAD_TIMEOUT_S = 600
 
 
@@ -190,8 +197,13 @@ def _missing_for_target(dest: Path, arch: str) -> list[str]:
 
 
 def _download(requirements_file: Path, dest: Path, arch: str) -> None:
-    """Download binary wheels for the hosts (never sdists: hosts have no compiler)."""
-    _pip_download(["-r", str(requirements_file)], dest, arch)
+    """Download binary wheels for the hosts (never sdists: hosts have no compiler).
+
+    pip itself comes along: hosts create the venv without pip and run the
+    installer from its wheel (``python pip-*.whl/pip install ...``), which is
+    much faster than ensurepip.
+    """
+    _pip_download(["-r", str(requirements_file), "pip"], dest, arch)
     for _ in range(5):
         missing = _missing_for_target(dest, arch)
         if not missing:
@@ -224,6 +236,20 @@ def _pip_download(args: list[str], dest: Path, arch: str) -> None:
         raise ImcloudError(f"cannot download the IM server's dependencies: {reason}")
 
 
+def _write_archive(src: Path, archive: Path) -> None:
+    """Tar every file of ``src`` (flat, sorted, fixed owner and time)."""
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(p for p in src.iterdir() if p != archive):
+            info = tar.gettarinfo(str(path), arcname=path.name)
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.mtime = 0
+            info.mode = 0o644
+            with path.open("rb") as handle:
+                tar.addfile(info, handle)
+    archive.chmod(0o644)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -249,7 +275,9 @@ def _fresh_dir(parent: Path, final: Path) -> Path:
 
 def _dependency_wheels(dest_dir: Path, requirements: list[str], arch: str) -> Path:
     text = "\n".join(requirements) + "\n"
-    key = hashlib.sha256(f"{TARGET_PYTHON_FULL}|{arch}|{text}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{_LAYOUT_VERSION}|{TARGET_PYTHON_FULL}|{arch}|{text}".encode()
+    ).hexdigest()[:16]
     cache = dest_dir / ".deps" / key
     if (cache / COMPLETE_MARKER).is_file():
         return cache
@@ -282,7 +310,7 @@ def build_wheels(
     deps = _dependency_wheels(dest_dir, reqs, arch)
     dep_wheels = sorted(p for p in deps.iterdir() if p.suffix == ".whl")
 
-    digest = hashlib.sha256(f"{TARGET_PYTHON}|{arch}|".encode() + wheel_bytes)
+    digest = hashlib.sha256(f"{_LAYOUT_VERSION}|{TARGET_PYTHON}|{arch}|".encode() + wheel_bytes)
     for path in dep_wheels:
         digest.update(f"|{path.name}:{_sha256(path)}".encode())
     release_id = f"{version}-{digest.hexdigest()[:12]}"
@@ -298,11 +326,13 @@ def build_wheels(
             os.link(path, tmp / path.name)
         (tmp / wheel_name).write_bytes(wheel_bytes)
         (tmp / "requirements.txt").write_text("\n".join(reqs) + "\n")
+        pip_wheel = next(p.name for p in dep_wheels if p.name.startswith("pip-"))
         info = {"id": release_id, "version": version, "python": TARGET_PYTHON, "arch": arch,
-                "wheel": wheel_name}  # fmt: skip
+                "wheel": wheel_name, "pip_wheel": pip_wheel}  # fmt: skip
         (tmp / "release.json").write_text(json.dumps(info, indent=2) + "\n")
         for path in tmp.iterdir():
             path.chmod(0o644)
+        _write_archive(tmp, tmp / ARCHIVE_NAME)
         tmp.chmod(0o755)
         _publish(tmp, final)
     finally:
