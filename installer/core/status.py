@@ -26,7 +26,7 @@ from urllib.parse import quote
 from installer.errors import ImcloudError
 
 if TYPE_CHECKING:
-    from installer.core.cloud import Cloud
+    from installer.core.cloud import Cloud, Host
 
 __all__ = [
     "Api",
@@ -94,10 +94,13 @@ class MonitoringApis:
     alertmanager: Api
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """Distinct free local ports (all held at once while choosing, so never the same twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -130,30 +133,54 @@ def monitoring_apis(cloud: Cloud, via: Via = "ssh") -> Iterator[MonitoringApis]:
     hosts = cloud.hosts_in("monitoring")
     if not hosts:
         raise ImcloudError("no host has the monitoring role in imcloud.yml")
-    host = hosts[0]
-    prom_port, am_port = _free_port(), _free_port()
-    command = [
-        "ssh", "-N", "-o", "ExitOnForwardFailure=yes",
-        "-L", f"127.0.0.1:{prom_port}:{host.internal_address}:{PROMETHEUS_PORT}",
-        "-L", f"127.0.0.1:{am_port}:{host.internal_address}:{ALERTMANAGER_PORT}",
-        *host.ssh_args(),
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        _wait_for_port(prom_port, proc, timeout=20)
-        yield MonitoringApis(
-            Api(f"http://127.0.0.1:{prom_port}/prometheus"),
-            Api(f"http://127.0.0.1:{am_port}/alertmanager"),
+    with _ssh_forward(hosts[0]) as apis:
+        yield apis
+
+
+@contextlib.contextmanager
+def _ssh_forward(host: Host, attempts: int = 3) -> Iterator[MonitoringApis]:
+    """Forward two free local ports to Prometheus and Alertmanager on the monitoring host.
+
+    Another process may take a port between choosing it and ssh binding it; the
+    forward only counts once both services answer their readiness URL through it.
+    """
+    problem = ""
+    for _ in range(attempts):
+        prom_port, am_port = _free_ports(2)
+        command = [
+            "ssh", "-N", "-o", "ExitOnForwardFailure=yes",
+            "-L", f"127.0.0.1:{prom_port}:{host.internal_address}:{PROMETHEUS_PORT}",
+            "-L", f"127.0.0.1:{am_port}:{host.internal_address}:{ALERTMANAGER_PORT}",
+            *host.ssh_args(),
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-    finally:
-        proc.terminate()
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            _wait_for_port(prom_port, proc, timeout=20)
+            apis = MonitoringApis(
+                Api(f"http://127.0.0.1:{prom_port}/prometheus"),
+                Api(f"http://127.0.0.1:{am_port}/alertmanager"),
+            )
+            try:
+                apis.prometheus.get_text("/-/ready")
+                apis.alertmanager.get_text("/-/ready")
+            except ImcloudError as exc:
+                problem = str(exc)
+                continue
+            if proc.poll() is None:
+                yield apis
+                return
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    raise ImcloudError(
+        f"cannot reach Prometheus and Alertmanager on {host.name} through SSH: {problem}"
+    )
 
 
 def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
