@@ -277,6 +277,9 @@ class Lab:
     def veth(self, index: int) -> str:
         return f"imlv{self.hash}-{index}"
 
+    def cgroup_name(self, node: str) -> str:
+        return f"{self.name}-{node}"
+
     def node_dir(self, node: str) -> Path:
         return self.dir / "nodes" / node
 
@@ -447,9 +450,11 @@ class Lab:
             "-M", node["name"], "--link-journal=no", "--resolv-conf=off", "--timezone=off",
             "--console=read-only", "--private-network", "--capability=CAP_NET_ADMIN",
         ]
+        cgroups = sysx.host_cgroups(self.cgroup_name(node["name"]))
+        sysx.create_cgroups(cgroups)
         with open(ndir / "console.log", "ab") as log:
-            subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+            subprocess.Popen(sysx.in_cgroups(cgroups, cmd), stdin=subprocess.DEVNULL, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def _node_running(self, node: str) -> bool:
         return bool(sysx.nspawn_pids(self.netns(node)))
@@ -547,6 +552,7 @@ class Lab:
                 sysx.signal_pids(sysx.netns_pids(netns), signal.SIGKILL)
                 sysx.wait_until(lambda ns=netns: not sysx.netns_pids(ns), 5)
         for node in nodes:
+            sysx.remove_cgroups(sysx.host_cgroups(self.cgroup_name(node)))
             sysx.unmount(self.node_dir(node) / "merged")
             sysx.delete_netns(self.netns(node))
             report(node, "removed")

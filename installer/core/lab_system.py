@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -229,3 +230,38 @@ def pid_alive(pid: int) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# -- cgroups -----------------------------------------------------------------------
+#: The hierarchies a container's systemd writes to. Without a systemd on the
+#: controller, systemd-nspawn leaves every container in the controller's root
+#: cgroup, so all hosts would share /system.slice/<unit> directories and one
+#: host's systemd would remove or kill another's. Each host gets its own.
+CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
+CGROUP_PARENT = "imcloud-lab"
+
+
+def host_cgroups(name: str) -> list[Path]:
+    return [root / CGROUP_PARENT / name for root in CGROUP_ROOTS if root.is_dir()]
+
+
+def create_cgroups(paths: Sequence[Path]) -> None:
+    for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def in_cgroups(paths: Sequence[Path], command: Sequence[str]) -> list[str]:
+    """`command` wrapped so that it execs inside `paths` (a thread-safe preexec)."""
+    joins = "".join(f"echo $$ > {shlex.quote(str(p / 'cgroup.procs'))} && " for p in paths)
+    return ["sh", "-c", f'{joins}exec "$@"', "sh", *command]
+
+
+def remove_cgroups(paths: Sequence[Path]) -> None:
+    """Remove cgroup trees bottom-up; a cgroup still holding processes stays."""
+    for path in paths:
+        if not path.is_dir():
+            continue
+        tree = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        for cgroup in [*tree, path]:
+            with contextlib.suppress(OSError):
+                cgroup.rmdir()
