@@ -56,6 +56,12 @@ async def _exchange(cloud: Cloud, admin_token: str) -> str:
                 await bob.close()
                 bob = await _connect(url, bob_login.access_token, options)
                 clients.append(bob)
+            app_names = sorted(h.name for h in cloud.hosts_in("app"))
+            for client in (alice, bob):
+                # the im_server role sets IM_NODE_ID to the host's name in the cloud
+                assert client.node in app_names, (
+                    f"connected to node {client.node!r}, not one of the app hosts {app_names}"
+                )
             if app_nodes >= 2:
                 assert bob.node != alice.node, (
                     f"{PLACEMENT_ATTEMPTS + 1} WebSocket connections through nginx all landed on "

@@ -147,9 +147,10 @@ def cloud_front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
                 "domain": DOMAIN,
                 "profile": "cluster",
                 "hosts": [
-                    {"name": "lb1", "address": f"{net}.1", "roles": ["lb", "db", "cache"]},
-                    {"name": "app1", "address": f"{net}.2", "roles": ["app"]},
-                    {"name": "app2", "address": f"{net}.3", "roles": ["app"]},
+                    # app hosts named like the local servers' node ids (node1, node2)
+                    {"name": "edge", "address": f"{net}.1", "roles": ["lb", "db", "cache"]},
+                    {"name": "node1", "address": f"{net}.2", "roles": ["app"]},
+                    {"name": "node2", "address": f"{net}.3", "roles": ["app"]},
                 ],
             }
         ),
