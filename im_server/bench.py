@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import resource
+import signal
 import ssl
 import sys
 import time
@@ -30,6 +31,10 @@ from .localstack import Stack
 __all__ = ["main"]
 
 PASSWORD = "bench-password-1"
+
+
+def _say(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -170,9 +175,12 @@ class Bench:
                 return await Client.login(self.urls[i % len(self.urls)], name, PASSWORD,
                                           device_name="bench", **self.client_kw)
 
+        started = time.monotonic()
         async with AdminClient(self.urls[0], self.admin_token, **self.client_kw) as admin:
             await asyncio.gather(*[create(n) for n in names])
-        return list(await asyncio.gather(*[login(i, n) for i, n in enumerate(names)]))
+        clients = list(await asyncio.gather(*[login(i, n) for i, n in enumerate(names)]))
+        _say(f"{count} users created and logged in ({time.monotonic() - started:.1f}s)")
+        return clients
 
     async def load(self) -> dict[str, Any]:
         args = self.args
@@ -183,7 +191,7 @@ class Bench:
         convs = await asyncio.gather(*[a.direct(b.user_id) for a, b in pairs])
         base = time.monotonic()
         stats = Stats()
-        session = aiohttp.ClientSession()
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         conns: dict[int, Conn] = {}
         sem = asyncio.Semaphore(32)
 
@@ -194,6 +202,7 @@ class Bench:
             conns[c.user_id] = conn
 
         await asyncio.gather(*[open_conn(c) for c in users])
+        _say(f"{len(conns)} sockets open; sending {args.rate:g} msg/s for {args.duration:g}s")
         for conn in conns.values():
             conn.start()
         routes = [(conns[a.user_id], conv) for (a, _), conv in zip(pairs, convs, strict=True)]
@@ -210,6 +219,7 @@ class Bench:
             conn, conv = routes[k % len(routes)]
             await conn.send(conv, due, k)
         send_end = time.monotonic()
+        _say(f"sent {stats.sent}; waiting up to {args.grace:g}s for acks and deliveries")
         deadline = send_end + args.grace
         while time.monotonic() < deadline:
             acked = stats.acked
@@ -317,41 +327,35 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    stack: Stack | None = None
+async def _run(args: argparse.Namespace, stack: Stack | None) -> dict[str, Any]:
     pids: list[int] = []
-    try:
-        if args.spawn:
-            stack = Stack(database_url=args.database_url, redis_url=args.redis_url,
-                          extra_env={"IM_LOG_LEVEL": "WARNING"})
-            await asyncio.to_thread(stack.start)
-            for _ in range(args.spawn):
-                await asyncio.to_thread(stack.add_server)
-            urls = [s.url for s in stack.servers]
-            pids = [s.proc.pid for s in stack.servers if s.proc]
-            admin_token = stack.admin_token
-        else:
-            urls = [args.url.rstrip("/")]
-            admin_token = args.admin_token or os.environ.get("IM_ADMIN_TOKEN", "")
-            if not admin_token:
-                raise SystemExit("bench: --url needs --admin-token (or IM_ADMIN_TOKEN)")
-        bench = Bench(args, urls, admin_token)
-        load_before = os.getloadavg()[0]
-        if args.serial:
-            result = await bench.serial()
-        elif args.idle:
-            if not pids:
-                raise SystemExit("bench: --idle measures server memory, so it needs --spawn")
-            result = await bench.idle(pids)
-        else:
-            result = await bench.load()
-        result["nodes"] = len(urls)
-        result["loadavg_1m_before"] = round(load_before, 2)
-        result["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
-        return result
-    finally:
-        if stack is not None:
-            await asyncio.to_thread(stack.close)
+    if stack is not None:
+        urls = [s.url for s in stack.servers]
+        pids = [s.proc.pid for s in stack.servers if s.proc]
+        admin_token = stack.admin_token
+    else:
+        urls = [args.url.rstrip("/")]
+        admin_token = args.admin_token or os.environ.get("IM_ADMIN_TOKEN", "")
+        if not admin_token:
+            raise SystemExit("bench: --url needs --admin-token (or IM_ADMIN_TOKEN)")
+    bench = Bench(args, urls, admin_token)
+    load_before = os.getloadavg()[0]
+    if args.serial:
+        result = await bench.serial()
+    elif args.idle:
+        if not pids:
+            raise SystemExit("bench: --idle measures server memory, so it needs --spawn")
+        result = await bench.idle(pids)
+    else:
+        result = await bench.load()
+    result["nodes"] = len(urls)
+    result["loadavg_1m_before"] = round(load_before, 2)
+    result["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+    return result
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,11 +383,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.users < 2:
         parser.error("--users must be at least 2")
     _raise_nofile()
+    signal.signal(signal.SIGTERM, _interrupt)  # so the finally below removes the stack
+    stack: Stack | None = None
     try:
-        result = uvloop.run(_run(args))
+        if args.spawn:
+            stack = Stack(database_url=args.database_url, redis_url=args.redis_url,
+                          extra_env={"IM_LOG_LEVEL": "WARNING"})
+            stack.start()
+            for _ in range(args.spawn):
+                stack.add_server()
+            _say(f"throwaway stack with {args.spawn} server(s) in {stack.dir}")
+        result = uvloop.run(_run(args, stack))
     except (ImError, aiohttp.ClientError, OSError, RuntimeError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if stack is not None:
+            stack.close()
     for key, value in result.items():
         print(f"{key:>24}: {value}")
     if args.json:
