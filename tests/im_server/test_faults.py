@@ -7,9 +7,11 @@ import asyncio
 import signal
 from collections.abc import Callable
 
+import aiohttp
+import pytest
 from im_helpers import login, make_user
 
-from im_server.client import Client
+from im_server.client import Client, ImError
 from im_server.localstack import Stack
 
 PER_SENDER = 60
@@ -86,3 +88,30 @@ async def test_redis_restarted_mid_load(fresh_stack: Stack) -> None:
     redis = fresh_stack.redis
     assert redis is not None
     await _run(pairs, fault_after=PER_SENDER, fault=lambda: redis.restart(down_for=1.0))
+
+
+async def test_postgres_lost_then_back(fresh_stack: Stack) -> None:
+    node = fresh_stack.add_server()
+    (a_name, _), (b_name, b_id) = [await make_user(fresh_stack, node.url) for _ in range(2)]
+    a = await login(node.url, a_name)
+    b = await login(node.url, b_name)
+    conv = await a.direct(b_id)
+    assert (await a.send(conv, "before")).seq == 1
+    pg = fresh_stack.postgres
+    assert pg is not None
+    await asyncio.to_thread(pg.stop)
+    try:
+        with pytest.raises(ImError) as err:
+            await a.send(conv, "during", cid="during-1", attempts=1)
+        assert "unavailable" in str(err.value)
+        async with aiohttp.ClientSession() as session, session.get(node.url + "/readyz") as r:
+            assert r.status == 503
+            assert any("postgresql" in p for p in (await r.json())["problems"])
+        await b.ping()  # the node still answers on open sockets
+    finally:
+        await asyncio.to_thread(pg.start)
+    ack = await a.send(conv, "during", cid="during-1", attempts=10)
+    assert ack.seq == 2  # stored once, no gap left by the failed attempt
+    assert [m.body for m in await b.history(conv)] == ["before", "during"]
+    await a.close()
+    await b.close()
