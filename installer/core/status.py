@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import socket
 import ssl
 import subprocess
@@ -300,8 +301,9 @@ def collect_status(prometheus: Api, host_names: dict[str, str]) -> list[Componen
         for name, promql, fmt in figures:
             for sample in prometheus.query(promql):
                 row = rows.get((job, sample["metric"].get("instance", "")))
+                value = float(sample["value"][1])
                 if row is not None:
-                    row.figures[name] = fmt(float(sample["value"][1]))
+                    row.figures[name] = "-" if math.isnan(value) else fmt(value)
     alerts = prometheus.get_json("/api/v1/alerts")["data"]["alerts"]
     for alert in alerts:
         labels = alert["labels"]
