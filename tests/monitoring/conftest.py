@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -12,14 +13,19 @@ import yaml
 from monhelpers import ROOT, VENV_BIN
 
 
-@pytest.fixture
-def render(tmp_path: Path) -> Callable[..., dict[str, Path]]:
-    """Render alertmanager.yml, prometheus.yml and blackbox.yml for an inventory."""
-    counter = iter(range(1000))
+@pytest.fixture(scope="session")
+def render(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, Path]]:
+    """Render alertmanager.yml, prometheus.yml and blackbox.yml for an inventory.
+
+    Each distinct inventory and set of extra vars is rendered once per session.
+    """
+    cache: dict[str, dict[str, Path]] = {}
 
     def _render(inv: dict[str, Any], **extra_vars: str) -> dict[str, Path]:
-        work = tmp_path / f"render{next(counter)}"
-        work.mkdir()
+        key = json.dumps([inv, extra_vars], sort_keys=True)
+        if key in cache:
+            return cache[key]
+        work = tmp_path_factory.mktemp("render")
         (work / "inventory.yml").write_text(yaml.safe_dump(inv))
         args = [
             str(VENV_BIN / "ansible-playbook"), "-i", str(work / "inventory.yml"),
@@ -35,6 +41,7 @@ def render(tmp_path: Path) -> Callable[..., dict[str, Path]]:
                  "ANSIBLE_LOCAL_TEMP": str(work / "tmp"), "HOME": str(work)},
         )  # fmt: skip
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-        return {name: work / f"{name}.yml" for name in ("alertmanager", "prometheus", "blackbox")}
+        cache[key] = {n: work / f"{n}.yml" for n in ("alertmanager", "prometheus", "blackbox")}
+        return cache[key]
 
     return _render

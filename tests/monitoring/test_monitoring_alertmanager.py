@@ -29,7 +29,7 @@ class _Hook(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     received: list[dict[str, Any]] = []
     handler = type("Hook", (_Hook,), {"received": received})
@@ -41,11 +41,11 @@ def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     server.server_close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def alertmanager(
     render: Callable[..., dict[str, Path]],
     webhook: tuple[str, list[dict[str, Any]]],
-    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Api, list[dict[str, Any]], list[dict[str, Any]]]]:
     closed = free_port()  # nothing listens there: deliveries to it fail at once
     receivers = [
@@ -55,6 +55,7 @@ def alertmanager(
          "smarthost": f"127.0.0.1:{closed}", "require_tls": False},
     ]  # fmt: skip
     config = render(inventory(receivers=receivers))["alertmanager"]
+    tmp_path = tmp_path_factory.mktemp("alertmanager")
     port = free_port()
     base = f"http://127.0.0.1:{port}/alertmanager"
     args = [
