@@ -94,6 +94,7 @@ class Conn:
             return
         transport.write(_header(len(data)) + data)
         self.frames_out += 1
+        self.node.metrics.frames_out += 1
 
     def close(self, code: int, reason: str) -> None:
         if not self.ws.closed:
@@ -291,8 +292,11 @@ class Node:
             self.metrics.frames_in.labels("invalid").inc()
             conn.send(exc.frame())
             return
-        self.metrics.frames_in.labels(frame.type).inc()
         kind = frame.type
+        counter = self.metrics.frames_in_by_type.get(kind)
+        if counter is None:
+            counter = self.metrics.frames_in_by_type[kind] = self.metrics.frames_in.labels(kind)
+        counter.inc()
         if kind == "send":
             if self.draining:
                 conn.send(ProtocolError(ErrorCode.DRAINING, "node draining: reconnect and retry",
