@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import json
 import math
 import socket
 import ssl
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from installer.errors import ImcloudError
 
@@ -45,31 +44,72 @@ MONITOR_USER = "monitor"
 Via = Literal["ssh", "nginx"]
 
 
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to a fixed address, with SNI, Host and certificate check for the URL's name."""
+
+    def __init__(self, host: str, port: int, *, address: str, context: ssl.SSLContext,
+                 timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._address = address
+        self._pinned_context = context
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port or 443), self.timeout)
+        self.sock = self._pinned_context.wrap_socket(sock, server_hostname=self.host)
+
+
 @dataclass(frozen=True)
 class Api:
-    """A small JSON/text HTTP client for one base URL (Prometheus or Alertmanager)."""
+    """A small JSON/text HTTP client for one base URL (Prometheus or Alertmanager).
+
+    ``connect_to`` dials that address instead of resolving the URL's host name (the
+    lb host, when the cloud's domain is not in DNS yet); TLS still checks the name.
+    """
 
     base_url: str
     auth: tuple[str, str] | None = None
     ca_file: Path | None = None
+    connect_to: str | None = None
     timeout: float = 10.0
 
+    def _connection(self) -> http.client.HTTPConnection:
+        url = urlsplit(self.base_url)
+        host = url.hostname or ""
+        if url.scheme == "http":
+            return http.client.HTTPConnection(
+                self.connect_to or host, url.port or 80, timeout=self.timeout
+            )
+        context = ssl.create_default_context(cafile=self.ca_file)
+        return _PinnedHTTPSConnection(
+            host, url.port or 443, address=self.connect_to or host, context=context,
+            timeout=self.timeout,
+        )  # fmt: skip
+
     def _request(self, path: str, body: bytes | None = None) -> bytes:
-        request = urllib.request.Request(self.base_url.rstrip("/") + path, data=body)
+        where = f"{self.base_url}{path}"
+        headers = {"Host": urlsplit(self.base_url).netloc}
         if body is not None:
-            request.add_header("Content-Type", "application/json")
+            headers["Content-Type"] = "application/json"
         if self.auth is not None:
             token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
+            headers["Authorization"] = f"Basic {token}"
+        conn = self._connection()
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout, context=context) as resp:
-                return resp.read()
-        except urllib.error.HTTPError as exc:
-            raise ImcloudError(f"{self.base_url}{path}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ImcloudError(f"{self.base_url}{path}: {reason}") from None
+            conn.request(
+                "POST" if body is not None else "GET",
+                urlsplit(self.base_url).path.rstrip("/") + path,
+                body=body,
+                headers=headers,
+            )
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ImcloudError(f"{where}: {exc}") from None
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            raise ImcloudError(f"{where}: HTTP {resp.status} {resp.reason}")
+        return data
 
     def get_text(self, path: str) -> str:
         return self._request(path).decode()
@@ -125,10 +165,10 @@ def monitoring_apis(cloud: Cloud, via: Via = "ssh") -> Iterator[MonitoringApis]:
             raise ImcloudError("secrets.yml has no imcloud_monitoring_password")
         auth = (MONITOR_USER, password)
         ca = cloud.ca_cert_path if cloud.config.tls.mode == "internal" else None
-        base = cloud.public_url
+        base, lb = cloud.public_url, cloud.lb_address
         yield MonitoringApis(
-            Api(f"{base}/prometheus", auth=auth, ca_file=ca),
-            Api(f"{base}/alertmanager", auth=auth, ca_file=ca),
+            Api(f"{base}/prometheus", auth=auth, ca_file=ca, connect_to=lb),
+            Api(f"{base}/alertmanager", auth=auth, ca_file=ca, connect_to=lb),
         )
         return
     hosts = cloud.hosts_in("monitoring")
