@@ -65,7 +65,8 @@ async def _exchange(cloud: Cloud, admin_token: str) -> str:
             if app_nodes >= 2:
                 assert bob.node != alice.node, (
                     f"{PLACEMENT_ATTEMPTS + 1} WebSocket connections through nginx all landed on "
-                    f"node {alice.node!r} ({app_nodes} app nodes): is nginx balancing across them?"
+                    f"node {alice.node!r} ({app_nodes} app nodes): are the others up and in "
+                    "nginx's upstream?"
                 )
             conv = await alice.direct(bob.user_id)
             text = f"verify {pysecrets.token_hex(8)}"
