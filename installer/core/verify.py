@@ -145,8 +145,11 @@ def peer_certificate(cloud: Cloud) -> tuple[dict[str, Any], str]:
     """The verified certificate the load balancer presents for the domain, and the TLS version."""
     with _reaching(cloud) as conn:
         conn.connect()
-        tls = conn.sock
-        return tls.getpeercert(), tls.version()
+        tls: ssl.SSLSocket = conn.sock
+        cert, version = tls.getpeercert(), tls.version()
+    if not cert or version is None:
+        raise ImcloudError(f"{cloud.public_url} at {cloud.lb_address}: no certificate presented")
+    return dict(cert), version
 
 
 def https_request(

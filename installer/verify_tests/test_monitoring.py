@@ -63,11 +63,11 @@ def test_every_prometheus_target_up(api: Callable[[str], Any]) -> None:
 
 
 def test_every_shipped_rule_loaded(api: Callable[[str], Any]) -> None:
-    shipped = set()
+    shipped: set[str] = set()
     for path in sorted((monitoring_dir() / "prometheus" / "rules").glob("*.yml")):
         for group in (yaml.safe_load(path.read_text()) or {}).get("groups", []):
             shipped.update(r.get("alert") or r.get("record") for r in group.get("rules", []))
-    loaded = {}
+    loaded: dict[str, Any] = {}
     for group in api("/prometheus/api/v1/rules")["groups"]:
         for rule in group["rules"]:
             loaded[rule["name"]] = rule
