@@ -16,9 +16,12 @@ from installer.paths import monitoring_dir
 
 pytestmark = pytest.mark.usefixtures("monitoring_required")
 
-#: Right after an install, targets may not have been scraped yet; wait this long at most.
-SETTLE_S = 90
+#: Right after an install, targets may not have been scraped and the Watchdog not yet sent;
+#: the checks below share this much waiting in total, so a broken pipeline fails in bounded time.
+SETTLE_S = 120
 POLL_S = 5
+
+Eventually = Callable[[Callable[[], str | None]], None]
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +37,25 @@ def api(cloud: Cloud, secrets: dict[str, str]) -> Callable[[str], Any]:
     return get
 
 
-def _eventually(check: Callable[[], str | None]) -> None:
-    """Poll a check that returns a problem (or None) until it passes or SETTLE_S is over."""
+@pytest.fixture(scope="module")
+def eventually() -> Eventually:
+    """Poll a check that returns a problem (or None) until it passes or the module's shared
+    settling time is used up."""
     deadline = time.monotonic() + SETTLE_S
-    while True:
-        problem = check()
-        if problem is None:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(problem, pytrace=False)
-        time.sleep(POLL_S)
+
+    def wait(check: Callable[[], str | None]) -> None:
+        while True:
+            problem = check()
+            if problem is None:
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(problem, pytrace=False)
+            time.sleep(POLL_S)
+
+    return wait
 
 
-def test_every_prometheus_target_up(api: Callable[[str], Any]) -> None:
+def test_every_prometheus_target_up(api: Callable[[str], Any], eventually: Eventually) -> None:
     def check() -> str | None:
         targets = api("/prometheus/api/v1/targets?state=active")["activeTargets"]
         if not targets:
@@ -59,7 +68,7 @@ def test_every_prometheus_target_up(api: Callable[[str], Any]) -> None:
         ]
         return f"{len(down)} of {len(targets)} targets not up: " + "; ".join(down) if down else None
 
-    _eventually(check)
+    eventually(check)
 
 
 def test_every_shipped_rule_loaded(api: Callable[[str], Any]) -> None:
@@ -77,17 +86,19 @@ def test_every_shipped_rule_loaded(api: Callable[[str], Any]) -> None:
     assert not broken, f"rules failing to evaluate: {'; '.join(broken)}"
 
 
-def test_alertmanager_reachable_from_prometheus(api: Callable[[str], Any]) -> None:
+def test_alertmanager_reachable_from_prometheus(
+    api: Callable[[str], Any], eventually: Eventually
+) -> None:
     def check() -> str | None:
         active = api("/prometheus/api/v1/alertmanagers")["activeAlertmanagers"]
         return None if active else "Prometheus has no active Alertmanager"
 
-    _eventually(check)
+    eventually(check)
     status = api("/alertmanager/api/v2/status")
     assert status["cluster"]["status"] in ("ready", "disabled"), status["cluster"]
 
 
-def test_watchdog_firing_in_alertmanager(api: Callable[[str], Any]) -> None:
+def test_watchdog_firing_in_alertmanager(api: Callable[[str], Any], eventually: Eventually) -> None:
     def check() -> str | None:
         alerts = api("/alertmanager/api/v2/alerts?filter=alertname%3D%22Watchdog%22")
         if any(a["status"]["state"] == "active" for a in alerts):
@@ -100,4 +111,4 @@ def test_watchdog_firing_in_alertmanager(api: Callable[[str], Any]) -> None:
         )
         return f"Watchdog alert is not active in Alertmanager ({where})"
 
-    _eventually(check)
+    eventually(check)
