@@ -88,7 +88,7 @@ echo @@sudo; if [ "$(id -u)" != 0 ]; then sudo -n true 2>/dev/null && echo yes |
 echo @@nproc; nproc 2>/dev/null
 echo @@meminfo; cat /proc/meminfo 2>/dev/null
 echo @@df; df -Pk /var 2>/dev/null
-echo @@ss; ss -ltnpH 2>/dev/null || ss -ltnH 2>/dev/null
+echo @@ss; if command -v ss >/dev/null; then ss -ltnpH 2>/dev/null || ss -ltnH; else echo no-ss; fi
 echo @@markers; for d in MARKERS; do [ -e "$d" ] && echo "$d"; done
 echo @@end
 """
@@ -391,27 +391,9 @@ def evaluate(
         )
 
     installed = bool(sections.get("markers"))
-    report.facts["imcloud_installed"] = installed
     wanted = ports_for(host.roles)
-    taken: dict[int, set[str]] = {}
-    for listener in parse_listeners(sections.get("ss", "")):
-        if listener.port in wanted and not is_own_listener(listener, installed):
-            taken.setdefault(listener.port, set()).update(listener.processes or {"unknown"})
-    report.facts["ports_needed"] = wanted
-    if taken:
-        used = ", ".join(
-            f"{port} ({'/'.join(sorted(names))})" for port, names in sorted(taken.items())
-        )
-        add(
-            Finding(
-                "ports",
-                False,
-                f"port(s) already in use by other software: {used}",
-                "stop or remove that software, or use a fresh host",
-            )
-        )
-    else:
-        add(Finding("ports", True, f"free or ours: {', '.join(map(str, wanted))}"))
+    report.facts.update(imcloud_installed=installed, ports_needed=wanted)
+    add(_ports_finding(wanted, sections.get("ss", ""), installed))
 
     try:
         skew = clock_skew(float(sections.get("clock", "")), sent, received)
@@ -430,6 +412,29 @@ def evaluate(
             )
         )
     return report
+
+
+def _ports_finding(wanted: list[int], ss_output: str, installed: bool) -> Finding:
+    if ss_output == "no-ss":
+        return Finding(
+            "ports",
+            False,
+            "cannot list listening ports: ss(8) is missing",
+            "install it: apt-get install iproute2",
+        )
+    taken: dict[int, set[str]] = {}
+    for listener in parse_listeners(ss_output):
+        if listener.port in wanted and not is_own_listener(listener, installed):
+            taken.setdefault(listener.port, set()).update(listener.processes or {"unknown"})
+    if not taken:
+        return Finding("ports", True, f"free or ours: {', '.join(map(str, wanted))}")
+    used = ", ".join(f"{port} ({'/'.join(sorted(names))})" for port, names in sorted(taken.items()))
+    return Finding(
+        "ports",
+        False,
+        f"port(s) already in use by other software: {used}",
+        "stop or remove that software, or use a fresh host",
+    )
 
 
 def ssh_failure(host: Host, stderr: str) -> Finding:

@@ -155,6 +155,11 @@ def test_ports_taken_by_other_software_fail_but_our_own_services_do_not() -> Non
     assert _failed(rerun) == {"ports": "port(s) already in use by other software: 443 (apache2)"}
 
 
+def test_a_host_without_ss_cannot_pass_the_port_check() -> None:
+    report = preflight.evaluate(HOST, "single", _sections(ss="no-ss"), 1000.0, 1001.0)
+    assert _failed(report) == {"ports": "cannot list listening ports: ss(8) is missing"}
+
+
 def test_clock_skew_is_measured_against_the_probe_interval() -> None:
     assert preflight.clock_skew(1000.5, 1000.0, 1001.0) == 0.0
     assert preflight.clock_skew(990.0, 1000.0, 1001.0) == 10.0
