@@ -201,3 +201,48 @@ def test_rendered_firewall_is_accepted_by_nft(tmp_path: Path) -> None:
         path.write_text(rules)
         proc = _run(["nft", "-c", "-f", str(path)])
         assert proc.returncode == 0, f"{name}: {proc.stderr}"
+
+
+SECRETS = (
+    "imcloud_postgres_password", "imcloud_postgres_monitor_password", "imcloud_redis_password",
+    "imcloud_redis_monitor_password", "imcloud_admin_token", "imcloud_token_secret",
+    "imcloud_monitoring_password",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"imcloud_admin_token": ""}, "secret imcloud_admin_token is missing or empty"),
+        ({"imcloud_tls_mode": "acme"}, "tls mode acme is not supported"),
+        ({"imcloud_release": "0.0.0-other"}, "must name a release built by installer.core.wheels"),
+    ],
+)
+def test_bad_input_stops_site_yml_before_any_host_is_touched(
+    tmp_path: Path, override: dict[str, str], message: str
+) -> None:
+    """The boilerplate play fails on the controller; the (unreachable) hosts are never tried."""
+    ca = tmp_path / "ca"
+    ca.mkdir()
+    (ca / "ca.crt").write_text("x")
+    (ca / "ca.key").write_text("x")
+    wheel_dir = tmp_path / "release"
+    wheel_dir.mkdir()
+    (wheel_dir / "release.json").write_text('{"id": "0.1.0-abc"}')
+    extra = {
+        **dict.fromkeys(SECRETS, "s3cret"),
+        "imcloud_ca_dir": str(ca),
+        "imcloud_wheel_dir": str(wheel_dir),
+        "imcloud_release": "0.1.0-abc",
+        **override,
+    }
+    (tmp_path / "extra.yml").write_text(yaml.safe_dump(extra))
+    inventory = _inventory(tmp_path, {"one": (list(GROUPS), "192.0.2.1")})
+    proc = _run(
+        [ANSIBLE_PLAYBOOK, "-i", str(inventory), "-e", f"@{tmp_path / 'extra.yml'}",
+         "playbooks/site.yml"]
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert message in output, output
+    assert "192.0.2.1" not in output and "UNREACHABLE" not in output, output
