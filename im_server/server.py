@@ -125,6 +125,7 @@ class Node:
         self.passwords = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib)
         self.by_user: dict[int, list[Conn]] = {}
         self.watchers: dict[int, set[Conn]] = {}
+        self.last_presence: dict[int, bool] = {}  # watched user -> state last pushed here
         self.draining = False
         self.storage: Storage
         self.fanout: Fanout
@@ -158,6 +159,7 @@ class Node:
             on_resubscribed=self._resync_all, local_users=lambda: list(self.by_user),
         )
         await self.fanout.start()
+        self.spawn(self._reconcile_presence())
 
     async def stop(self) -> None:
         if self._writer_task:
@@ -216,13 +218,34 @@ class Node:
                 watchers.discard(conn)
                 if not watchers:
                     del self.watchers[user]
+                    self.last_presence.pop(user, None)
 
     def _presence_changed(self, user: int, online: bool) -> None:
         self._notify_presence(user, online)
         if not self.draining or not online:
             self.spawn(self.fanout.set_online(user, online))
 
+    async def _reconcile_presence(self) -> None:
+        """Presence keys of a dead node expire without any event: poll watched users and
+        push the changes (this also repairs events lost while Redis was away)."""
+        while True:
+            await asyncio.sleep(self.settings.presence_ttl_s / 3)
+            watched = list(self.watchers)
+            if not watched:
+                continue
+            try:
+                states = await self.fanout.online(watched)
+            except Exception as exc:  # Redis down: try again next round
+                log.debug("presence poll failed: %r", exc)
+                continue
+            for user, online in states.items():
+                if self.last_presence.get(user) not in (None, online):
+                    self._notify_presence(user, online)
+                self.last_presence[user] = online
+
     def _notify_presence(self, user: int, online: bool) -> None:
+        if user in self.last_presence:
+            self.last_presence[user] = online
         watchers = self.watchers.get(user)
         if watchers:
             frame = encode({"type": "presence", "user": user, "online": online})
@@ -360,6 +383,7 @@ class Node:
             conn.watching.add(user)
             self.watchers.setdefault(user, set()).add(conn)
         states = await self.fanout.online(users)
+        self.last_presence.update(states)
         conn.send(encode({"type": "presence_state", "ref": frame.ref,
                           "online": {str(u): v for u, v in states.items()}}))
 

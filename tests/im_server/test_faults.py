@@ -115,3 +115,19 @@ async def test_postgres_lost_then_back(fresh_stack: Stack) -> None:
     assert [m.body for m in await b.history(conv)] == ["before", "during"]
     await a.close()
     await b.close()
+
+
+async def test_presence_expires_when_a_node_dies(fresh_stack: Stack) -> None:
+    watcher_node = fresh_stack.add_server(IM_PRESENCE_TTL_S="3")
+    victim = fresh_stack.add_server(IM_PRESENCE_TTL_S="3")
+    (w_name, _), (v_name, v_id) = [await make_user(fresh_stack, watcher_node.url)
+                                   for _ in range(2)]
+    watcher = await login(watcher_node.url, w_name)
+    doomed = await login(victim.url, v_name, reconnect=False)  # its node dies under it
+    assert await watcher.presence([v_id]) == {v_id: True}
+    victim.signal(signal.SIGKILL)
+    event = await asyncio.wait_for(watcher.events.get(), 15)
+    assert event == {"type": "presence", "user": v_id, "online": False}
+    assert await watcher.presence([v_id]) == {v_id: False}
+    await watcher.close()
+    await doomed.close()
