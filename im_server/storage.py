@@ -386,7 +386,10 @@ class Writer:
             while self.pending:
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
                 await self._commit(batch)
-                self.on_done(batch)
+                try:
+                    self.on_done(batch)
+                except Exception:  # a bug in acking must not stop the node's only writer
+                    log.exception("ack/fan-out of %d sends failed", len(batch))
             self._idle.set()
 
     async def _commit(self, batch: list[Send]) -> None:
