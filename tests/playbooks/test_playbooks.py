@@ -214,7 +214,7 @@ SECRETS = (
     ("override", "message"),
     [
         ({"imcloud_admin_token": ""}, "secret imcloud_admin_token is missing or empty"),
-        ({"imcloud_tls_mode": "acme"}, "tls mode acme is not supported"),
+        ({"imcloud_tls_mode": "acme"}, "tls mode acme: set tls.acme_directory_url"),
         ({"imcloud_release": "0.0.0-other"}, "must name a release built by installer.core.wheels"),
     ],
 )
