@@ -8,9 +8,9 @@ from pathlib import Path
 
 import asyncpg
 
-__all__ = ["Migration", "applied_versions", "available", "migrate"]
+__all__ = ["MIGRATIONS_DIR", "Migration", "applied_versions", "available", "migrate"]
 
-_DIR = Path(__file__).with_name("migrations")
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Any constant: serialises concurrent `migrate` runs from several app nodes.
 _LOCK_KEY = 0x494D5F4D4947
@@ -23,7 +23,7 @@ class Migration:
     sql: str
 
 
-def available(directory: Path = _DIR) -> list[Migration]:
+def available(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     found = []
     for path in sorted(directory.iterdir()):
         match = _NAME.match(path.name)
@@ -42,7 +42,7 @@ async def applied_versions(conn: asyncpg.Connection) -> set[int]:
     return {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
 
 
-async def migrate(dsn: str, directory: Path = _DIR) -> list[Migration]:
+async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     """Apply every migration not applied yet, each in its own transaction; return them."""
     pending = available(directory)
     conn = await asyncpg.connect(dsn)
