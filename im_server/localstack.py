@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-__all__ = ["PG_BIN", "Postgres", "Redis", "ServerProcess", "Stack", "free_port"]
+__all__ = ["PG_BIN", "REDIS_BIN", "Postgres", "Redis", "ServerProcess", "Stack", "free_port"]
 
 PG_BIN = Path(os.environ.get("IM_PG_BIN", "/usr/lib/postgresql/15/bin"))
 REDIS_BIN = os.environ.get("IM_REDIS_BIN", "redis-server")

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 
 import pytest
 from im_helpers import FAST
 
-from im_server.localstack import PG_BIN, ServerProcess, Stack
+from im_server.localstack import PG_BIN, REDIS_BIN, ServerProcess, Stack
 
-if not (PG_BIN / "postgres").exists():
-    pytest.skip(f"PostgreSQL 15 binaries not found in {PG_BIN}", allow_module_level=True)
+
+def _require_binaries() -> None:
+    if not (PG_BIN / "postgres").exists() or not shutil.which(REDIS_BIN):
+        pytest.skip(f"needs PostgreSQL 15 in {PG_BIN} and {REDIS_BIN} (scripts/setup.sh)")
+
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     """PostgreSQL and Redis shared by the session; tests use distinct user names."""
+    _require_binaries()
     with Stack(fsync=False, extra_env=FAST) as st:
         yield st
 
@@ -32,6 +37,7 @@ def server2(stack: Stack, server: ServerProcess) -> ServerProcess:
 @pytest.fixture
 def fresh_stack() -> Iterator[Stack]:
     """A private stack for tests that break things (kill servers, restart Redis)."""
+    _require_binaries()
     with Stack(fsync=False, extra_env=FAST) as st:
         yield st
 
