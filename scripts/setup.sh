@@ -10,8 +10,8 @@ APT_PACKAGES=(
     debootstrap systemd-container iproute2 nftables apt-cacher-ng openssh-client
     # throwaway services for the IM server tests (started by the tests, not by apt)
     postgresql-15 redis-server
-    # promtool and amtool for the monitoring rule tests
-    prometheus prometheus-alertmanager
+    # promtool, amtool and blackbox --config.check for the monitoring tests
+    prometheus prometheus-alertmanager prometheus-blackbox-exporter
     # controller side of TLS checks and pebble (ACME test server)
     openssl ca-certificates pebble
     python3-venv
