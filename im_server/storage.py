@@ -353,20 +353,16 @@ _COMMIT = "SELECT * FROM im_commit_batch($1, $2, $3, $4, $5, $6)"  # migration 0
 
 
 class Writer:
-    """The node's writer: batches pending sends into one transaction each.
+    """The node's single writer task: batches pending sends into one transaction each.
 
-    Up to ``depth`` batches commit at once (PostgreSQL's row locks on the
-    conversations keep their seqs in order), but ``on_done(batch)`` runs strictly
-    in batch order, after that batch's commit (or failure: each ``Send.error``
-    set), so acks and fan-out leave in commit order.
+    ``on_done(batch)`` runs after the commit (or failure: each ``Send.error`` set),
+    before the next batch starts, so acks and fan-out leave in seq order. (Two
+    batches in flight at once could lock a conversation in either order, and then
+    fan-out would leave out of seq order: measured, so not done.)
     """
 
     def __init__(
-        self,
-        storage: Storage,
-        on_done: Callable[[list[Send]], None],
-        metrics: Metrics,
-        depth: int = 2,
+        self, storage: Storage, on_done: Callable[[list[Send]], None], metrics: Metrics
     ) -> None:
         self.storage = storage
         self.on_done = on_done
@@ -375,8 +371,6 @@ class Writer:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._slots = asyncio.Semaphore(depth)
-        self._in_flight: set[asyncio.Future[None]] = set()
 
     def submit(self, item: Send) -> None:
         self.pending.append(item)
@@ -388,38 +382,17 @@ class Writer:
         await self._idle.wait()
 
     async def run(self) -> None:
-        previous: asyncio.Future[None] | None = None
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self.pending:
-                await self._slots.acquire()
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
-                previous = asyncio.ensure_future(self._commit_then_ack(batch, previous))
-                self._in_flight.add(previous)
-                previous.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Future[None]) -> None:
-        self._in_flight.discard(task)
-        self._slots.release()
-        if not self._in_flight and not self.pending:
+                await self._commit(batch)
+                try:
+                    self.on_done(batch)
+                except Exception:  # a bug in acking must not stop the node's only writer
+                    log.exception("ack/fan-out of %d sends failed", len(batch))
             self._idle.set()
-
-    async def _commit_then_ack(
-        self, batch: list[Send], previous: asyncio.Future[None] | None
-    ) -> None:
-        await self._commit(batch)
-        if previous is not None:
-            await asyncio.shield(previous)  # acks leave in batch order
-        try:
-            self.on_done(batch)
-        except Exception:  # a bug in acking must not stop the writer
-            log.exception("ack/fan-out of %d sends failed", len(batch))
-
-    async def stop(self) -> None:
-        for task in list(self._in_flight):
-            task.cancel()
-        await asyncio.gather(*self._in_flight, return_exceptions=True)
 
     async def _commit(self, batch: list[Send]) -> None:
         started = time.perf_counter()
