@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import jinja2
 import yaml
 from pydantic import (
     BaseModel,
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from installer.errors import ImcloudError
+from installer.paths import templates_dir
 
 Role = Literal["lb", "app", "db", "cache", "monitoring"]
 ALL_ROLES: tuple[Role, ...] = ("lb", "app", "db", "cache", "monitoring")
@@ -236,8 +238,17 @@ def load_config(path: Path) -> CloudConfig:
 
 
 def dump_config(config: CloudConfig) -> str:
+    """imcloud.yml text with a comment on each section (templates/imcloud.yml.j2)."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates_dir()),
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["to_yaml"] = lambda data: yaml.safe_dump(
+        data, sort_keys=False, default_flow_style=False
+    )
     data = config.model_dump(mode="json", exclude_none=True)
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    return env.get_template("imcloud.yml.j2").render(config=data)
 
 
 def parse_host_option(spec: str) -> dict[str, Any]:

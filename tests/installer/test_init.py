@@ -129,6 +129,7 @@ def test_init_from_options_and_refusal_to_overwrite(tmp_path: Path) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert Cloud.load(target).hosts[0].address == "192.0.2.7"
+    assert "# single: one host carries every role." in (target / "imcloud.yml").read_text()
 
     result = runner.invoke(app, [*args[:-1], "other=192.0.2.8"])
     assert result.exit_code == 1
