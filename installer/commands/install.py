@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
 
 import typer
 from rich.live import Live
@@ -86,6 +88,16 @@ class _PhaseLines:
             err_console.print(f"{name}: {phase}", highlight=False)
 
 
+@contextlib.contextmanager
+def _progress_display() -> Iterator[Callable[[RunState], None]]:
+    """A live table on a terminal; one line per host and phase in logs and pipes."""
+    if not err_console.is_terminal:
+        yield _PhaseLines()
+        return
+    with Live(console=err_console, refresh_per_second=4, transient=True) as live:
+        yield lambda state: live.update(_progress_table(state))
+
+
 @operator_errors
 def install(
     cloud: CloudDir = DEFAULT_CLOUD_DIR,
@@ -98,29 +110,13 @@ def install(
 ) -> None:
     """Install or update the cloud on its hosts. Idempotent: run it again at any time."""
     loaded = Cloud.load(cloud)
+    options: dict[str, Any] = {"tags": tags, "limit": limit, "preflight": not skip_check}
     if json_output:
-        result = core.install(loaded, tags=tags, limit=limit, preflight=not skip_check)
+        result = core.install(loaded, **options)
         print_json(result.to_dict())
-    elif err_console.is_terminal:
-        with Live(console=err_console, refresh_per_second=4, transient=True) as live:
-            result = core.install(
-                loaded,
-                tags=tags,
-                limit=limit,
-                preflight=not skip_check,
-                on_step=_print_step,
-                on_update=lambda state: live.update(_progress_table(state)),
-            )
-        _print_summary(loaded, result)
     else:
-        result = core.install(
-            loaded,
-            tags=tags,
-            limit=limit,
-            preflight=not skip_check,
-            on_step=_print_step,
-            on_update=_PhaseLines(),
-        )
+        with _progress_display() as on_update:
+            result = core.install(loaded, on_step=_print_step, on_update=on_update, **options)
         _print_summary(loaded, result)
     if not result.ok:
         raise typer.Exit(code=1)
