@@ -349,7 +349,7 @@ class Send:
     error: str = ""
 
 
-_COMMIT = "SELECT * FROM im_commit_batch($1, $2, $3, $4, $5, $6)"  # migration 0002
+_COMMIT = "SELECT * FROM im_commit_batch($1, $2, $3, $4, $5, $6)"  # migrations 0002, 0003
 
 
 class Writer:
