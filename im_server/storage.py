@@ -349,7 +349,7 @@ class Send:
     error: str = ""
 
 
-_COMMIT = "SELECT * FROM im_commit_batch($1, $2, $3, $4, $5, $6)"  # migrations 0002, 0003
+_COMMIT = "SELECT * FROM im_commit_batch($1, $2, $3, $4, $5, $6)"  # latest in migrations 0004
 
 
 class Writer:
@@ -423,25 +423,40 @@ class Writer:
             item.seq = 0
 
     async def _transaction(self, batch: list[Send]) -> None:
-        """One statement, one round trip: see migrations/0002_commit_batch.sql."""
+        """One statement, one round trip: see migrations/0004_commit_batch_set_based.sql.
+
+        A retry that is in the batch twice is sent once and both get the one result.
+        """
+        first: dict[tuple[int, int, str], Send] = {}
+        unique: list[Send] = []
+        for item in batch:
+            key = (item.conv, item.sender, item.cid)
+            if key not in first:
+                first[key] = item
+                unique.append(item)
         now = _ms()
         async with self.storage.pool.acquire(timeout=5) as conn:
             rows = await conn.fetch(
                 _COMMIT,
-                [i.conv for i in batch],
-                [i.sender for i in batch],
-                [i.device for i in batch],
-                [i.cid for i in batch],
-                [i.body.decode() for i in batch],
-                [now] * len(batch),
+                [i.conv for i in unique],
+                [i.sender for i in unique],
+                [i.device for i in unique],
+                [i.cid for i in unique],
+                [i.body.decode() for i in unique],
+                [now] * len(unique),
             )
         fresh = 0
         for idx, seq, ts, status, members in rows:
-            item = batch[idx - 1]
+            item = unique[idx - 1]
             if status == "not_member":
                 item.error, item.seq = ErrorCode.NOT_MEMBER, 0
                 continue
             item.error, item.seq, item.ts, item.members = "", seq, ts, members
             item.duplicate = status == "duplicate"
             fresh += not item.duplicate
+        for item in batch:
+            source = first[(item.conv, item.sender, item.cid)]
+            if source is not item:
+                item.error, item.seq, item.ts = source.error, source.seq, source.ts
+                item.members, item.duplicate = source.members, True
         self.metrics.messages.inc(fresh)
