@@ -213,3 +213,21 @@ async def test_bad_input_gets_error_frames(stack: Stack, server: ServerProcess) 
     assert (await a.send(conv, "after")).seq == 2
     await a.close()
     await b.close()
+
+
+async def test_same_cid_twice_at_once_is_stored_once(stack: Stack, server: ServerProcess) -> None:
+    """Both copies usually land in one commit batch: one row, two acks with one seq."""
+    a, b, conv = await _pair(stack, server.url)
+    async with ClientSession() as session:
+        ws = await session.ws_connect(server.url + "/ws",
+                                      headers={"Authorization": f"Bearer {a.access_token}"})
+        await ws.receive()  # hello
+        frame = orjson.dumps({"type": "send", "conv": conv, "cid": "twin", "body": "x"})
+        for _ in range(3):
+            await ws.send_bytes(frame)
+        acks = [orjson.loads((await ws.receive(timeout=5)).data) for _ in range(3)]
+        await ws.close()
+    assert {(x["type"], x["seq"]) for x in acks} == {("ack", 1)}
+    assert [m.cid for m in await b.history(conv)] == ["twin"]
+    await a.close()
+    await b.close()
