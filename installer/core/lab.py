@@ -451,10 +451,12 @@ class Lab:
             "--console=read-only", "--private-network", "--capability=CAP_NET_ADMIN",
         ]
         cgroups = sysx.host_cgroups(self.cgroup_name(node["name"]))
+        sysx.remove_cgroups(cgroups)  # a crashed run's tree would confuse the new systemd
         sysx.create_cgroups(cgroups)
         with open(ndir / "console.log", "ab") as log:
-            subprocess.Popen(sysx.in_cgroups(cgroups, cmd), stdin=subprocess.DEVNULL, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(sysx.in_cgroups(cgroups, cmd), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        sysx.wait_for_exec(proc, "systemd-nspawn")
 
     def _node_running(self, node: str) -> bool:
         return bool(sysx.nspawn_pids(self.netns(node)))

@@ -256,6 +256,21 @@ def in_cgroups(paths: Sequence[Path], command: Sequence[str]) -> list[str]:
     return ["sh", "-c", f'{joins}exec "$@"', "sh", *command]
 
 
+def wait_for_exec(proc: subprocess.Popen[bytes], program: str, timeout: float = 10) -> None:
+    """Wait until a process started through `in_cgroups` has exec'ed `program` (or died)."""
+
+    def execed() -> bool:
+        if proc.poll() is not None:
+            return True
+        try:
+            cmdline = psutil.Process(proc.pid).cmdline()
+        except psutil.Error:
+            return True
+        return bool(cmdline) and cmdline[0].endswith(program)
+
+    wait_until(execed, timeout)
+
+
 def remove_cgroups(paths: Sequence[Path]) -> None:
     """Remove cgroup trees bottom-up; a cgroup still holding processes stays."""
     for path in paths:

@@ -124,6 +124,12 @@ async def test_presence_expires_when_a_node_dies(fresh_stack: Stack) -> None:
                                    for _ in range(2)]
     watcher = await login(watcher_node.url, w_name)
     doomed = await login(victim.url, v_name, reconnect=False)  # its node dies under it
+    # The victim's node registers the new device in Redis just after the login
+    # answers; wait (bounded) until the watcher's node sees it.
+    for _ in range(50):
+        if await watcher.presence([v_id]) == {v_id: True}:
+            break
+        await asyncio.sleep(0.1)
     assert await watcher.presence([v_id]) == {v_id: True}
     victim.signal(signal.SIGKILL)
 
