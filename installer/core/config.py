@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from installer.core.alerts import validate_receivers
 from installer.errors import ImcloudError
 from installer.paths import templates_dir
 
@@ -217,8 +218,6 @@ def parse_config(data: Any, source: str = "imcloud.yml") -> CloudConfig:
 
 
 def _validate_receivers(config: CloudConfig, source: str) -> None:
-    from installer.core.alerts import validate_receivers
-
     try:
         validate_receivers(config.alerts.receivers)
     except ImcloudError as exc:
