@@ -44,7 +44,9 @@ async def test_health_ready_and_metrics(stack: Stack, server: ServerProcess) -> 
 
 
 async def test_rate_limit_then_close(stack: Stack) -> None:
-    strict = stack.add_server(IM_RATE_PER_S="5", IM_RATE_BURST="5")
+    # A refill rate this slow adds no token during the test, so every frame after
+    # the burst is a strike and the count below is exact.
+    strict = stack.add_server(IM_RATE_PER_S="0.01", IM_RATE_BURST="5")
     try:
         name, _ = await make_user(stack, strict.url)
         client = await login(strict.url, name)
@@ -57,10 +59,10 @@ async def test_rate_limit_then_close(stack: Stack) -> None:
             frames = [orjson.loads((await ws.receive(timeout=5)).data) for _ in range(6)]
             assert [f["type"] for f in frames].count("pong") == 5
             assert {"type": "error", "code": "rate_limited"}.items() <= frames[-1].items()
-            # Keep flooding just past the strike limit, then stop: the server
-            # closes with 1008 (a client still flooding at that point could see
-            # the close frame lost to a TCP reset instead).
-            for _ in range(MAX_STRIKES + 5):
+            # Five strikes so far; flood until exactly one past the limit and stop:
+            # the server closes with 1008. (A client still writing after that could
+            # find its transport closed, or the close frame lost to a TCP reset.)
+            for _ in range(MAX_STRIKES + 1 - 5):
                 await ws.send_str('{"type": "ping"}')
             while (await ws.receive(timeout=5)).type not in (aiohttp.WSMsgType.CLOSE,
                                                              aiohttp.WSMsgType.CLOSED):
