@@ -140,6 +140,18 @@ class AdminClient:
         return await self._http.call("POST", f"/api/admin/users/{username}/disable",
                                      self._token)
 
+    async def enable_user(self, username: str) -> dict[str, Any]:
+        """Re-enable a disabled user; they log in again (old devices stay signed out)."""
+        return await self._http.call("POST", f"/api/admin/users/{username}/enable",
+                                     self._token)
+
+    async def delete_user(self, username: str) -> dict[str, Any]:
+        """Delete a user: revoke their tokens, disconnect their devices, free the name.
+
+        ImError ``not_found`` if no user (or an already deleted one) has that name.
+        """
+        return await self._http.call("DELETE", f"/api/admin/users/{username}", self._token)
+
     async def close(self) -> None:
         await self._http.close()
 

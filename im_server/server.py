@@ -561,10 +561,26 @@ async def admin_list_users(request: web.Request) -> web.Response:
 
 
 async def admin_disable_user(request: web.Request) -> web.Response:
+    return await _retire_user(request, "disabled")
+
+
+async def admin_delete_user(request: web.Request) -> web.Response:
+    return await _retire_user(request, "deleted")
+
+
+async def _retire_user(request: web.Request, how: str) -> web.Response:
+    """Disable or delete: either way every device is signed out and its sockets close."""
     node = _admin(request)
-    uid, devices = await node.storage.disable_user(request.match_info["username"])
+    retire = node.storage.delete_user if how == "deleted" else node.storage.disable_user
+    uid, devices = await retire(request.match_info["username"])
     node.kick(uid)
-    return _json({"id": uid, "disabled": True, "revoked_devices": len(devices)})
+    return _json({"id": uid, how: True, "revoked_devices": len(devices)})
+
+
+async def admin_enable_user(request: web.Request) -> web.Response:
+    node = _admin(request)
+    uid = await node.storage.enable_user(request.match_info["username"])
+    return _json({"id": uid, "disabled": False})
 
 
 async def register(request: web.Request) -> web.Response:
@@ -820,6 +836,8 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/api/admin/users", admin_list_users)
     r.add_post("/api/admin/users", admin_create_user)
     r.add_post("/api/admin/users/{username}/disable", admin_disable_user)
+    r.add_post("/api/admin/users/{username}/enable", admin_enable_user)
+    r.add_delete("/api/admin/users/{username}", admin_delete_user)
     r.add_get("/api/conversations", list_conversations)
     r.add_post("/api/conversations/direct", create_direct)
     r.add_post("/api/conversations/group", create_group)

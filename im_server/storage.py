@@ -80,7 +80,8 @@ class Storage:
 
     async def list_users(self) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
-            "SELECT id, username, disabled, created_at FROM users ORDER BY id"
+            "SELECT id, username, disabled, created_at FROM users WHERE deleted_at IS NULL"
+            " ORDER BY id"
         )
         return [
             {"id": r["id"], "username": r["username"], "disabled": r["disabled"],
@@ -90,7 +91,9 @@ class Storage:
 
     async def user_for_login(self, username: str) -> asyncpg.Record | None:
         return await self.pool.fetchrow(
-            "SELECT id, password_hash, disabled FROM users WHERE username = $1", username
+            "SELECT id, password_hash, disabled FROM users"
+            " WHERE username = $1 AND deleted_at IS NULL",
+            username,
         )
 
     async def set_password_hash(self, user_id: int, password_hash: str) -> None:
@@ -100,10 +103,26 @@ class Storage:
 
     async def disable_user(self, username: str) -> tuple[int, list[int]]:
         """Disable a user and revoke all their devices; returns (user id, revoked device ids)."""
+        return await self._retire_user(
+            "UPDATE users SET disabled = true WHERE username = $1 AND deleted_at IS NULL"
+            " RETURNING id",
+            username,
+        )
+
+    async def delete_user(self, username: str) -> tuple[int, list[int]]:
+        """Delete a user: disabled for good, name free again, messages kept for the others.
+
+        Returns (user id, revoked device ids); NotFound if no live user has that name.
+        """
+        return await self._retire_user(
+            "UPDATE users SET disabled = true, deleted_at = now()"
+            " WHERE username = $1 AND deleted_at IS NULL RETURNING id",
+            username,
+        )
+
+    async def _retire_user(self, update: str, username: str) -> tuple[int, list[int]]:
         async with self.pool.acquire() as conn, conn.transaction():
-            uid = await conn.fetchval(
-                "UPDATE users SET disabled = true WHERE username = $1 RETURNING id", username
-            )
+            uid = await conn.fetchval(update, username)
             if uid is None:
                 raise NotFound(f"no user {username!r}")
             rows = await conn.fetch(
@@ -112,6 +131,17 @@ class Storage:
                 uid,
             )
         return uid, [r[0] for r in rows]
+
+    async def enable_user(self, username: str) -> int:
+        """Re-enable a disabled user (their old devices stay signed out); returns the id."""
+        uid = await self.pool.fetchval(
+            "UPDATE users SET disabled = false WHERE username = $1 AND deleted_at IS NULL"
+            " RETURNING id",
+            username,
+        )
+        if uid is None:
+            raise NotFound(f"no user {username!r}")
+        return uid
 
     async def create_device(self, user_id: int, name: str, refresh_hash: bytes) -> int:
         return await self.pool.fetchval(
@@ -175,7 +205,8 @@ class Storage:
 
     async def _check_users(self, conn: asyncpg.Connection, ids: Sequence[int]) -> None:
         found = await conn.fetchval(
-            "SELECT count(*) FROM users WHERE id = ANY($1::bigint[])", list(set(ids))
+            "SELECT count(*) FROM users WHERE id = ANY($1::bigint[]) AND deleted_at IS NULL",
+            list(set(ids)),
         )
         if found != len(set(ids)):
             raise NotFound("unknown user id in members")
