@@ -172,7 +172,8 @@ class Client:
         fallback_urls: other nodes to try when reconnecting.
         on_frame: called with every raw ``msg`` frame as it arrives, before dedup and
             reordering (for measurements).
-        reconnect: reconnect and re-sync automatically when the socket drops.
+        reconnect: reconnect and re-sync automatically when the socket drops (after
+            close 4001, an expired access token, refresh it first).
     """
 
     def __init__(self, base_url: str, access_token: str, *, refresh_token: str | None = None,
@@ -272,8 +273,21 @@ class Client:
                     fut.set_exception(lost)  # sends retry with the same cid once reconnected
             if self._closed or not self._reconnect or ws.close_code in _FATAL_CLOSE:
                 break
+            if ws.close_code == CloseCode.TOKEN_EXPIRED and not await self._renew_for_reconnect():
+                break
             await self._reopen()
         self._inbox.put_nowait(None)
+
+    async def _renew_for_reconnect(self) -> bool:
+        """After close 4001: refresh before reconnecting; False if only a new login helps."""
+        try:
+            await self.refresh()
+        except ImError as exc:
+            if exc.code == "refresh_invalid":
+                return False
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            pass  # node unreachable: reconnecting elsewhere refreshes on the 401
+        return True
 
     async def _reopen(self) -> None:
         delay = 0.05

@@ -61,7 +61,7 @@ class Conn:
 
     __slots__ = (
         "ws", "transport", "user", "device", "limiter", "watching", "id", "opened",
-        "frames_in", "frames_out", "peer", "node",
+        "frames_in", "frames_out", "peer", "node", "expiry",
     )
 
     def __init__(self, node: Node, ws: web.WebSocketResponse, request: web.Request,
@@ -79,6 +79,12 @@ class Conn:
         self.frames_in = 0
         self.frames_out = 0
         self.peer = request.remote or "-"
+        # A socket must not outlive the token that opened it: the client refreshes it
+        # and reconnects (then syncs). Cancelled in unregister.
+        self.expiry = asyncio.get_running_loop().call_later(
+            max(0.0, claims.expires - time.time()),
+            self.close, CloseCode.TOKEN_EXPIRED, "access token expired: refresh and reconnect",
+        )
 
     def send(self, data: bytes) -> None:
         """Write one text frame now, without awaiting (the payload is encoded once by callers).
@@ -206,6 +212,7 @@ class Node:
             self._presence_changed(conn.user, True)
 
     def unregister(self, conn: Conn) -> None:
+        conn.expiry.cancel()
         self.metrics.connections.dec()
         conns = self.by_user.get(conn.user, [])
         if conn in conns:
