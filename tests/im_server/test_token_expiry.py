@@ -66,6 +66,22 @@ async def test_without_a_refresh_token_the_client_stops(
     await client.close()
 
 
+async def test_a_rotated_away_refresh_token_stops_the_client(
+    stack: Stack, short_tokens: ServerProcess
+) -> None:
+    """Someone else refreshed with this device's refresh token: only a new login helps."""
+    name, _ = await make_user(stack, short_tokens.url)
+    client = await login(short_tokens.url, name)
+    thief = Client(short_tokens.url, "", refresh_token=client.refresh_token)
+    await thief.refresh()
+    await thief.close()
+    with pytest.raises(ImError) as err:
+        await client.next_message(timeout=TTL_S + 5)
+    assert err.value.code == "disconnected"
+    assert client.close_code == CloseCode.TOKEN_EXPIRED
+    await client.close()
+
+
 async def test_an_already_expired_token_is_refused_at_the_upgrade(
     stack: Stack, short_tokens: ServerProcess
 ) -> None:
