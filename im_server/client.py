@@ -275,7 +275,8 @@ class Client:
                 break
             if ws.close_code == CloseCode.TOKEN_EXPIRED and not await self._renew_for_reconnect():
                 break
-            await self._reopen()
+            if not await self._reopen():
+                break
         self._inbox.put_nowait(None)
 
     async def _renew_for_reconnect(self) -> bool:
@@ -289,21 +290,24 @@ class Client:
             pass  # node unreachable: reconnecting elsewhere refreshes on the 401
         return True
 
-    async def _reopen(self) -> None:
+    async def _reopen(self) -> bool:
+        """Reconnect (next URL first), with backoff; False when only a new login helps."""
         delay = 0.05
         while not self._closed:
             self._url_index += 1
             try:
                 await self._open()
-                return
+                return True
             except ImError as exc:
-                if exc.status == 401 and exc.code != "token_revoked" and self.refresh_token:
-                    with contextlib.suppress(ImError, aiohttp.ClientError):
-                        await self.refresh()
+                if exc.code == "token_revoked" or exc.status == 401 and (
+                    not self.refresh_token or not await self._renew_for_reconnect()
+                ):
+                    return False
             except (aiohttp.ClientError, OSError, TimeoutError):
                 pass
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+        return False
 
     def _dispatch(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")

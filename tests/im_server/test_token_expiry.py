@@ -95,3 +95,23 @@ async def test_an_already_expired_token_is_refused_at_the_upgrade(
     await client.connect()
     await client.ping()
     await client.close()
+
+
+async def test_reconnecting_with_a_revoked_device_stops(
+    stack: Stack, server: ServerProcess
+) -> None:
+    """The node went away, and the device was logged out before it came back."""
+    node = stack.add_server()
+    name, _ = await make_user(stack, server.url)
+    client = await login(node.url, name)
+    node.stop()  # drains: close 1012, the client starts reconnecting
+    http = Client(server.url, client.access_token)
+    await http._http.call("POST", "/api/logout", client.access_token)
+    await http.close()
+    node.start()
+    with pytest.raises(ImError) as err:
+        await client.next_message(timeout=30)
+    assert err.value.code == "disconnected"
+    assert client.close_code == 1012
+    await client.close()
+    node.stop()
