@@ -140,6 +140,18 @@ class AdminClient:
         return await self._http.call("POST", f"/api/admin/users/{username}/disable",
                                      self._token)
 
+    async def enable_user(self, username: str) -> dict[str, Any]:
+        """Re-enable a disabled user; they log in again (old devices stay signed out)."""
+        return await self._http.call("POST", f"/api/admin/users/{username}/enable",
+                                     self._token)
+
+    async def delete_user(self, username: str) -> dict[str, Any]:
+        """Delete a user: revoke their tokens, disconnect their devices, free the name.
+
+        ImError ``not_found`` if no user (or an already deleted one) has that name.
+        """
+        return await self._http.call("DELETE", f"/api/admin/users/{username}", self._token)
+
     async def close(self) -> None:
         await self._http.close()
 
@@ -160,7 +172,8 @@ class Client:
         fallback_urls: other nodes to try when reconnecting.
         on_frame: called with every raw ``msg`` frame as it arrives, before dedup and
             reordering (for measurements).
-        reconnect: reconnect and re-sync automatically when the socket drops.
+        reconnect: reconnect and re-sync automatically when the socket drops (after
+            close 4001, an expired access token, refresh it first).
     """
 
     def __init__(self, base_url: str, access_token: str, *, refresh_token: str | None = None,
@@ -260,24 +273,41 @@ class Client:
                     fut.set_exception(lost)  # sends retry with the same cid once reconnected
             if self._closed or not self._reconnect or ws.close_code in _FATAL_CLOSE:
                 break
-            await self._reopen()
+            if ws.close_code == CloseCode.TOKEN_EXPIRED and not await self._renew_for_reconnect():
+                break
+            if not await self._reopen():
+                break
         self._inbox.put_nowait(None)
 
-    async def _reopen(self) -> None:
+    async def _renew_for_reconnect(self) -> bool:
+        """After close 4001: refresh before reconnecting; False if only a new login helps."""
+        try:
+            await self.refresh()
+        except ImError as exc:
+            if exc.code == "refresh_invalid":
+                return False
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            pass  # node unreachable: reconnecting elsewhere refreshes on the 401
+        return True
+
+    async def _reopen(self) -> bool:
+        """Reconnect (next URL first), with backoff; False when only a new login helps."""
         delay = 0.05
         while not self._closed:
             self._url_index += 1
             try:
                 await self._open()
-                return
+                return True
             except ImError as exc:
-                if exc.status == 401 and exc.code != "token_revoked" and self.refresh_token:
-                    with contextlib.suppress(ImError, aiohttp.ClientError):
-                        await self.refresh()
+                if exc.code == "token_revoked" or exc.status == 401 and (
+                    not self.refresh_token or not await self._renew_for_reconnect()
+                ):
+                    return False
             except (aiohttp.ClientError, OSError, TimeoutError):
                 pass
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+        return False
 
     def _dispatch(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")

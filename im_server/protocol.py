@@ -33,7 +33,8 @@ class CloseCode:
     INTERNAL = 1011
     RECONNECT = 1012  # node draining: reconnect (to another node)
     TRY_LATER = 1013
-    REVOKED = 4003  # logged out, device revoked or user disabled
+    TOKEN_EXPIRED = 4001  # the access token the socket was opened with expired: refresh
+    REVOKED = 4003  # logged out, device revoked, user disabled or deleted
     SLOW = 4008  # client does not read its frames fast enough
 
 

@@ -61,7 +61,7 @@ class Conn:
 
     __slots__ = (
         "ws", "transport", "user", "device", "limiter", "watching", "id", "opened",
-        "frames_in", "frames_out", "peer", "node",
+        "frames_in", "frames_out", "peer", "node", "expiry",
     )
 
     def __init__(self, node: Node, ws: web.WebSocketResponse, request: web.Request,
@@ -79,6 +79,12 @@ class Conn:
         self.frames_in = 0
         self.frames_out = 0
         self.peer = request.remote or "-"
+        # A socket must not outlive the token that opened it: the client refreshes it
+        # and reconnects (then syncs). Cancelled in unregister.
+        self.expiry = asyncio.get_running_loop().call_later(
+            max(0.0, claims.expires - time.time()),
+            self.close, CloseCode.TOKEN_EXPIRED, "access token expired: refresh and reconnect",
+        )
 
     def send(self, data: bytes) -> None:
         """Write one text frame now, without awaiting (the payload is encoded once by callers).
@@ -166,6 +172,7 @@ class Node:
             self._writer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer_task
+            await self.writer.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -205,6 +212,7 @@ class Node:
             self._presence_changed(conn.user, True)
 
     def unregister(self, conn: Conn) -> None:
+        conn.expiry.cancel()
         self.metrics.connections.dec()
         conns = self.by_user.get(conn.user, [])
         if conn in conns:
@@ -560,10 +568,26 @@ async def admin_list_users(request: web.Request) -> web.Response:
 
 
 async def admin_disable_user(request: web.Request) -> web.Response:
+    return await _retire_user(request, "disabled")
+
+
+async def admin_delete_user(request: web.Request) -> web.Response:
+    return await _retire_user(request, "deleted")
+
+
+async def _retire_user(request: web.Request, how: str) -> web.Response:
+    """Disable or delete: either way every device is signed out and its sockets close."""
     node = _admin(request)
-    uid, devices = await node.storage.disable_user(request.match_info["username"])
+    retire = node.storage.delete_user if how == "deleted" else node.storage.disable_user
+    uid, devices = await retire(request.match_info["username"])
     node.kick(uid)
-    return _json({"id": uid, "disabled": True, "revoked_devices": len(devices)})
+    return _json({"id": uid, how: True, "revoked_devices": len(devices)})
+
+
+async def admin_enable_user(request: web.Request) -> web.Response:
+    node = _admin(request)
+    uid = await node.storage.enable_user(request.match_info["username"])
+    return _json({"id": uid, "disabled": False})
 
 
 async def register(request: web.Request) -> web.Response:
@@ -819,6 +843,8 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/api/admin/users", admin_list_users)
     r.add_post("/api/admin/users", admin_create_user)
     r.add_post("/api/admin/users/{username}/disable", admin_disable_user)
+    r.add_post("/api/admin/users/{username}/enable", admin_enable_user)
+    r.add_delete("/api/admin/users/{username}", admin_delete_user)
     r.add_get("/api/conversations", list_conversations)
     r.add_post("/api/conversations/direct", create_direct)
     r.add_post("/api/conversations/group", create_group)

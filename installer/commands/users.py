@@ -1,4 +1,4 @@
-"""imcloud users: add, list and disable IM users through the admin API."""
+"""imcloud users: add, list, disable, enable and delete IM users through the admin API."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from installer.core import users as core
 from installer.core.cloud import DEFAULT_CLOUD_DIR, Cloud
 
 app = typer.Typer(
-    help="Add, list and disable users of the IM cloud (through its admin API).",
+    help="Add, list, disable, enable and delete users of the IM cloud (through its admin API).",
     no_args_is_help=True,
 )
 
@@ -74,5 +74,34 @@ def disable(name: Name, cloud: CloudDir = DEFAULT_CLOUD_DIR) -> None:
     result = core.disable_user(Cloud.load(cloud), name)
     console.print(
         f"disabled user [bold]{name}[/] (id {result['id']}), "
+        f"{result['revoked_devices']} device(s) signed out"
+    )
+
+
+@app.command("enable")
+@operator_errors
+def enable(name: Name, cloud: CloudDir = DEFAULT_CLOUD_DIR) -> None:
+    """Re-enable a disabled user. They log in again: their old devices stay signed out."""
+    result = core.enable_user(Cloud.load(cloud), name)
+    console.print(f"enabled user [bold]{name}[/] (id {result['id']})")
+
+
+@app.command("delete")
+@operator_errors
+def delete(
+    name: Name,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    cloud: CloudDir = DEFAULT_CLOUD_DIR,
+) -> None:
+    """Delete a user: revoke their tokens, disconnect their devices, free the name.
+
+    Messages they sent stay in their conversations. This cannot be undone.
+    """
+    core.check_username(name)
+    if not yes:
+        typer.confirm(f"Delete user {name} for good?", abort=True)
+    result = core.delete_user(Cloud.load(cloud), name)
+    console.print(
+        f"deleted user [bold]{name}[/] (id {result['id']}), "
         f"{result['revoked_devices']} device(s) signed out"
     )

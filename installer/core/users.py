@@ -91,3 +91,15 @@ def disable_user(cloud: Cloud, name: str) -> dict[str, Any]:
     """Disable a user, revoke their tokens and disconnect their devices."""
     check_username(name)
     return _admin_call(cloud, lambda a: a.disable_user(name), f"disabling user {name}")
+
+
+def enable_user(cloud: Cloud, name: str) -> dict[str, Any]:
+    """Re-enable a disabled user; returns ``{"id", "disabled": False}``."""
+    check_username(name)
+    return _admin_call(cloud, lambda a: a.enable_user(name), f"enabling user {name}")
+
+
+def delete_user(cloud: Cloud, name: str) -> dict[str, Any]:
+    """Delete a user (tokens revoked, devices disconnected, name free); their messages stay."""
+    check_username(name)
+    return _admin_call(cloud, lambda a: a.delete_user(name), f"deleting user {name}")

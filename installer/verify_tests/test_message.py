@@ -1,6 +1,6 @@
 """A real message over WSS through nginx, from a user on one app node to a user on another.
 
-Two temporary users are created with the admin API and disabled at the end. Each
+Two temporary users are created with the admin API and deleted at the end. Each
 connects to ``wss://<lb address>/ws`` (TLS name: the domain, trust: the cloud's CA);
 the server names its node in the ``hello`` frame, and the second user reconnects
 until nginx has placed it on a different app node than the first.
@@ -87,7 +87,7 @@ async def _exchange(cloud: Cloud, admin_token: str) -> str:
                     await client.close()
             for name in created:
                 with contextlib.suppress(Exception):
-                    await admin.disable_user(name)
+                    await admin.delete_user(name)
 
 
 def test_message_between_app_nodes_over_wss(cloud: Cloud, secrets: dict[str, str]) -> None:

@@ -132,3 +132,57 @@ async def test_bad_tokens_are_refused(stack: Stack, server: ServerProcess, kind:
     await bad.close()
     await asyncio.wait_for(real.ping(), 5)  # others keep being served
     await real.close()
+
+
+async def test_delete_user_while_connected(stack: Stack, server: ServerProcess,
+                                           server2: ServerProcess) -> None:
+    name, uid = await make_user(stack, server.url)
+    friend_name, friend_id = await make_user(stack, server.url)
+    devices = [await login(url, name, reconnect=False) for url in (server.url, server2.url)]
+    friend = await login(server.url, friend_name)
+    conv = await devices[0].direct(friend_id)
+    await devices[0].send(conv, {"text": "before the delete"})
+    async with AdminClient(server.url, stack.admin_token) as admin:
+        result = await admin.delete_user(name)
+        assert (result["id"], result["deleted"], result["revoked_devices"]) == (uid, True, 2)
+        for dev in devices:
+            with pytest.raises(ImError):
+                while True:  # the other device first gets the message sent above
+                    await dev.next_message(timeout=10)
+            assert dev.close_code == 4003
+            await dev.close()
+        with pytest.raises(ImError) as err:
+            await admin.delete_user(name)
+        assert (err.value.status, err.value.code) == (404, "not_found")
+        for call in (admin.delete_user, admin.disable_user, admin.enable_user):
+            with pytest.raises(ImError) as err:
+                await call(unique("nobody"))
+            assert (err.value.status, err.value.code) == (404, "not_found")
+        assert name not in {u["username"] for u in await admin.list_users()}
+        with pytest.raises(ImError) as err:
+            await Client.login(server.url, name, "password123")
+        assert err.value.code == "bad_credentials"
+        with pytest.raises(ImError) as err:
+            await friend.user_id_of(name)
+        assert err.value.status == 404
+        # the name is free again, for a new account; the old messages stay with the friend
+        again = await admin.create_user(name, "password123")
+        assert again["id"] != uid
+    history = await friend.history(conv)
+    assert [(m.sender, m.body) for m in history] == [(uid, {"text": "before the delete"})]
+    await friend.close()
+
+
+async def test_enable_a_disabled_user(stack: Stack, server: ServerProcess) -> None:
+    name, uid = await make_user(stack, server.url)
+    async with AdminClient(server.url, stack.admin_token) as admin:
+        await admin.disable_user(name)
+        with pytest.raises(ImError) as err:
+            await Client.login(server.url, name, "password123")
+        assert err.value.code == "user_disabled"
+        assert await admin.enable_user(name) == {"id": uid, "disabled": False}
+        assert await admin.enable_user(name) == {"id": uid, "disabled": False}  # idempotent
+        assert not {u["username"]: u for u in await admin.list_users()}[name]["disabled"]
+    client = await login(server.url, name)
+    await client.ping()
+    await client.close()

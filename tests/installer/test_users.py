@@ -197,6 +197,28 @@ def test_add_list_disable_through_the_cli(cloud_front: Cloud) -> None:
     assert name in table.stdout and "disabled" in table.stdout
 
 
+def test_enable_and_delete_through_the_cli(cloud_front: Cloud) -> None:
+    base = ["--cloud", str(cloud_front.dir)]
+    name = f"bob{random.randint(0, 10**6)}"
+    assert runner.invoke(app, ["users", "add", name, *base]).exit_code == 0
+    assert runner.invoke(app, ["users", "disable", name, *base]).exit_code == 0
+    enabled = runner.invoke(app, ["users", "enable", name, *base])
+    assert enabled.exit_code == 0, enabled.output
+    assert f"enabled user {name}" in enabled.stdout
+    assert not {u["username"]: u for u in users.list_users(cloud_front)}[name]["disabled"]
+
+    kept = runner.invoke(app, ["users", "delete", name, *base], input="n\n")
+    assert kept.exit_code == 1
+    assert name in {u["username"] for u in users.list_users(cloud_front)}
+    deleted = runner.invoke(app, ["users", "delete", name, "--yes", *base])
+    assert deleted.exit_code == 0, deleted.output
+    assert f"deleted user {name}" in deleted.stdout
+    assert name not in {u["username"] for u in users.list_users(cloud_front)}
+    again = runner.invoke(app, ["users", "delete", name, "--yes", *base])
+    assert again.exit_code == 1
+    assert again.stderr.strip() == f"error: deleting user {name}: no user '{name}' (not_found)"
+
+
 def test_bad_input_is_one_clear_line_and_changes_nothing(cloud_front: Cloud) -> None:
     base = ["--cloud", str(cloud_front.dir)]
     before = users.list_users(cloud_front)
@@ -204,6 +226,9 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(cloud_front: Cloud) -> 
         (["users", "add", "bad name!", *base], None, "user name 'bad name!'"),
         (["users", "add", "shorty", "--password-stdin", *base], "abc\n", "at least 8"),
         (["users", "disable", "nobody-here", *base], None, "disabling user nobody-here"),
+        (["users", "enable", "nobody-here", *base], None, "enabling user nobody-here"),
+        (["users", "delete", "nobody-here", "--yes", *base], None, "deleting user nobody-here"),
+        (["users", "delete", "bad name!", "--yes", *base], None, "user name 'bad name!'"),
     ]
     for args, stdin, expected in cases:
         result = runner.invoke(app, args, input=stdin)
@@ -240,6 +265,6 @@ def test_verify_message_check_crosses_app_nodes(cloud_front: Cloud) -> None:
     )
     log = report.log_path.read_text()
     assert "delivered node1 -> node2" in log or "delivered node2 -> node1" in log
-    # the temporary users are disabled afterwards
+    # the temporary users are deleted afterwards
     temporary = [u for u in users.list_users(cloud_front) if "imcloud-verify-" in u["username"]]
-    assert len(temporary) == 2 and all(u["disabled"] for u in temporary)
+    assert temporary == []

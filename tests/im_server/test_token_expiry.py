@@ -1,0 +1,117 @@
+"""A WebSocket closes with 4001 when its access token expires; the client refreshes,
+reconnects and syncs, so nothing sent meanwhile is missed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+from im_helpers import login, make_user
+
+from im_server.client import Client, ImError
+from im_server.localstack import ServerProcess, Stack
+from im_server.protocol import CloseCode
+
+TTL_S = 3
+
+
+@pytest.fixture(scope="module")
+def short_tokens(stack: Stack) -> Iterator[ServerProcess]:
+    """A node that issues access tokens valid for TTL_S seconds."""
+    node = stack.add_server(IM_ACCESS_TOKEN_TTL_S=str(TTL_S))
+    yield node
+    node.stop()
+
+
+async def test_socket_closes_at_expiry_and_client_catches_up(
+    stack: Stack, server: ServerProcess, short_tokens: ServerProcess
+) -> None:
+    alice_name, _ = await make_user(stack, server.url)
+    bob_name, bob_id = await make_user(stack, server.url)
+    closes: list[int | None] = []
+    alice = await login(short_tokens.url, alice_name)
+    bob = await login(server.url, bob_name)
+    conv = await alice.direct(bob_id)
+    first_token = alice.access_token
+    deadline = time.monotonic() + TTL_S + 3
+    sent = []
+    while time.monotonic() < deadline:  # bob keeps sending across alice's reconnect
+        sent.append((await bob.send(conv, {"n": len(sent)})).seq)
+        if alice.close_code is not None and not closes:
+            closes.append(alice.close_code)
+        await asyncio.sleep(0.02)
+    got = [(await alice.next_message(timeout=10)).seq for _ in sent]
+    assert closes == [CloseCode.TOKEN_EXPIRED]
+    assert got == sent == list(range(1, len(sent) + 1))
+    assert alice.access_token != first_token  # refreshed, and the new socket works
+    await alice.ping()
+    await alice.close()
+    await bob.close()
+
+
+async def test_without_a_refresh_token_the_client_stops(
+    stack: Stack, short_tokens: ServerProcess
+) -> None:
+    name, _ = await make_user(stack, short_tokens.url)
+    tokens = await Client.login(short_tokens.url, name, "password123")
+    await tokens.close()
+    client = Client(short_tokens.url, tokens.access_token)  # no refresh token
+    await client.connect()
+    with pytest.raises(ImError) as err:
+        await client.next_message(timeout=TTL_S + 5)
+    assert err.value.code == "disconnected"
+    assert client.close_code == CloseCode.TOKEN_EXPIRED
+    await client.close()
+
+
+async def test_a_rotated_away_refresh_token_stops_the_client(
+    stack: Stack, short_tokens: ServerProcess
+) -> None:
+    """Someone else refreshed with this device's refresh token: only a new login helps."""
+    name, _ = await make_user(stack, short_tokens.url)
+    client = await login(short_tokens.url, name)
+    thief = Client(short_tokens.url, "", refresh_token=client.refresh_token)
+    await thief.refresh()
+    await thief.close()
+    with pytest.raises(ImError) as err:
+        await client.next_message(timeout=TTL_S + 5)
+    assert err.value.code == "disconnected"
+    assert client.close_code == CloseCode.TOKEN_EXPIRED
+    await client.close()
+
+
+async def test_an_already_expired_token_is_refused_at_the_upgrade(
+    stack: Stack, short_tokens: ServerProcess
+) -> None:
+    name, _ = await make_user(stack, short_tokens.url)
+    client = await Client.login(short_tokens.url, name, "password123", reconnect=False)
+    await asyncio.sleep(TTL_S + 1)
+    with pytest.raises(ImError) as err:
+        await client.connect()
+    assert err.value.status == 401
+    await client.refresh()
+    await client.connect()
+    await client.ping()
+    await client.close()
+
+
+async def test_reconnecting_with_a_revoked_device_stops(
+    stack: Stack, server: ServerProcess
+) -> None:
+    """The node went away, and the device was logged out before it came back."""
+    node = stack.add_server()
+    name, _ = await make_user(stack, server.url)
+    client = await login(node.url, name)
+    node.stop()  # drains: close 1012, the client starts reconnecting
+    http = Client(server.url, client.access_token)
+    await http._http.call("POST", "/api/logout", client.access_token)
+    await http.close()
+    node.start()
+    with pytest.raises(ImError) as err:
+        await client.next_message(timeout=30)
+    assert err.value.code == "disconnected"
+    assert client.close_code == 1012
+    await client.close()
+    node.stop()
