@@ -234,7 +234,7 @@ class Bench:
         acked_cids = set(stats.acked)
         delivered = sum(1 for cid in acked_cids if cid in stats.delivered)
         duplicates = sum(n - 1 for n in stats.delivered.values() if n > 1)
-        seqs = {}
+        seqs: dict[int, list[int]] = {}
         for conv, seq in stats.acked.values():
             seqs.setdefault(conv, []).append(seq)
         gap_convs = sum(1 for s in seqs.values() if sorted(s) != list(range(1, len(s) + 1)))
@@ -290,7 +290,7 @@ class Bench:
         await asyncio.sleep(1)
         before = sum(p.memory_info().rss for p in procs)
         stats = Stats()
-        sessions = []
+        sessions: list[aiohttp.ClientSession] = []
         conns = []
         sem = asyncio.Semaphore(64)
 

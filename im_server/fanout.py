@@ -213,7 +213,8 @@ class Fanout:
     async def online(self, users: Sequence[int]) -> dict[int, bool]:
         """Which users have a device on a live node (keys of a dead node expire)."""
         started = time.perf_counter()
-        nodes = [n.decode() for n in await self.redis.smembers("im:nodes")]
+        nodes = [n.decode() if isinstance(n, bytes) else n
+                 for n in await self.redis.smembers("im:nodes")]
         pipe = self.redis.pipeline(transaction=False)
         for user in users:
             pipe.exists(*[f"im:online:{user}:{n}" for n in nodes] or ["im:none"])

@@ -58,6 +58,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,11 @@ class LabStatus:
 
 
 # -- pure parts (unit tested) -------------------------------------------------
+
+def _host_gone(netns: str) -> bool:
+    """No systemd-nspawn for the host and no process left in its network namespace."""
+    return not sysx.nspawn_pids(netns) and not sysx.netns_pids(netns)
+
 
 def validate_name(name: str) -> str:
     if not NAME_RE.match(name):
@@ -526,7 +532,7 @@ class Lab:
             self._teardown(report)
 
     def _node_names_present(self) -> list[str]:
-        found = set()
+        found: set[str] = set()
         state = self._read_state() if self.state_path.exists() else None
         if state:
             found.update(n["name"] for n in state["nodes"])
@@ -548,11 +554,10 @@ class Lab:
                 sysx.signal_pids(sysx.netns_pids(self.netns(node)), signal.SIGKILL)
         for node in nodes:
             netns = self.netns(node)
-            if not sysx.wait_until(lambda ns=netns: not sysx.nspawn_pids(ns)
-                                   and not sysx.netns_pids(ns), STOP_GRACE):
+            if not sysx.wait_until(partial(_host_gone, netns), STOP_GRACE):
                 sysx.signal_pids(sysx.nspawn_pids(netns), signal.SIGKILL)
                 sysx.signal_pids(sysx.netns_pids(netns), signal.SIGKILL)
-                sysx.wait_until(lambda ns=netns: not sysx.netns_pids(ns), 5)
+                sysx.wait_until(partial(_host_gone, netns), 5)
         for node in nodes:
             sysx.remove_cgroups(sysx.host_cgroups(self.cgroup_name(node)))
             sysx.unmount(self.node_dir(node) / "merged")

@@ -25,6 +25,7 @@ def lab_cloud_config(hosts: Sequence[LabHost], domain: str = LAB_DOMAIN) -> dict
         "private_key_file": str(first.private_key_file),
         "known_hosts_file": str(first.known_hosts_file),
     }
+    layout: list[tuple[LabHost, list[str]]]
     if len(hosts) == 1:
         layout = [(first, [])]
         profile = "single"

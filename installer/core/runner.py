@@ -78,7 +78,7 @@ class RunState:
     def apply(self, event: dict[str, Any]) -> None:
         data = event.get("event_data") or {}
         kind = event.get("event", "")
-        host_name = data.get("host")
+        host_name: str = data.get("host") or ""
         phase = data.get("role") or data.get("play") or "setup"
         with self.lock:
             if kind in ("playbook_on_task_start", "runner_on_start"):

@@ -162,7 +162,7 @@ def _platform_args(arch: str) -> list[str]:
 
 
 def _target_environment(arch: str) -> dict[str, str]:
-    env = default_environment()
+    env = {key: str(value) for key, value in default_environment().items()}
     env.update(
         python_version=TARGET_PYTHON, python_full_version=TARGET_PYTHON_FULL,
         implementation_name="cpython", implementation_version=TARGET_PYTHON_FULL,

@@ -29,7 +29,9 @@ def test_counts_changes_failures_and_phases() -> None:
         )
     )
     state.apply(_event("runner_on_failed", "app1", role="im_server", ignore_errors=True, res={}))
-    state.apply(_event("runner_on_unreachable", "app1", role="im_server", res={"msg": "ssh: timeout"}))
+    state.apply(
+        _event("runner_on_unreachable", "app1", role="im_server", res={"msg": "ssh: timeout"})
+    )
 
     app1, app2 = state.hosts["app1"], state.hosts["app2"]
     assert (app1.ok, app1.changed, app1.failed, app1.unreachable) == (1, 1, 0, True)
