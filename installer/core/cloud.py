@@ -163,6 +163,8 @@ class Cloud:
         if conf.tls.mode == "acme":
             global_vars["imcloud_acme_directory_url"] = conf.tls.acme_directory_url
             global_vars["imcloud_acme_email"] = conf.tls.acme_email
+            if conf.tls.acme_ca_bundle is not None:
+                global_vars["imcloud_acme_ca_bundle"] = str(conf.tls.acme_ca_bundle)
         if conf.tls.mode == "provided":
             global_vars["imcloud_tls_cert_file"] = str(conf.tls.cert_file)
             global_vars["imcloud_tls_key_file"] = str(conf.tls.key_file)
