@@ -129,6 +129,21 @@ class Cloud:
         return f"https://{self.config.domain}"
 
     @property
+    def tls_trust_anchor(self) -> Path | None:
+        """The CA file that must vouch for the public certificate; None: the system's CAs.
+
+        internal: the cloud's CA. acme: the private ACME server's bundle if set, else the
+        system's CAs; never the internal CA, which signs what nginx serves until certbot has
+        a certificate. provided: the system's CAs.
+        """
+        tls = self.config.tls
+        if tls.mode == "internal":
+            return self.ca_cert_path
+        if tls.mode == "acme":
+            return tls.acme_ca_bundle
+        return None
+
+    @property
     def lb_address(self) -> str:
         return self.hosts_in("lb")[0].address
 
