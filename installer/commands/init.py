@@ -29,6 +29,16 @@ def init(
     ssh_user: Annotated[str, typer.Option(help="SSH user on the hosts.")] = "root",
     ssh_key: Annotated[Path | None, typer.Option(help="SSH private key file.")] = None,
     tls_mode: Annotated[str, typer.Option(help="internal, acme or provided.")] = "internal",
+    acme_directory_url: Annotated[
+        str | None, typer.Option(help="ACME directory URL (https://; --tls-mode acme).")
+    ] = None,
+    acme_email: Annotated[
+        str | None, typer.Option(help="ACME account e-mail (--tls-mode acme).")
+    ] = None,
+    acme_ca_bundle: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA bundle of a private ACME server (its HTTPS and issued chain)."),
+    ] = None,
     webhook: Annotated[
         list[str] | None, typer.Option("--webhook", help="Alert webhook receiver URL (repeatable).")
     ] = None,
@@ -49,7 +59,7 @@ def init(
         data: dict[str, Any] = {
             "domain": domain,
             "profile": profile,
-            "tls": {"mode": tls_mode},
+            "tls": cfg.tls_from_options(tls_mode, acme_directory_url, acme_email, acme_ca_bundle),
             "ssh": {"user": ssh_user, **({"private_key_file": str(ssh_key)} if ssh_key else {})},
             "hosts": [cfg.parse_host_option(spec) for spec in host or []],
             "alerts": {

@@ -129,6 +129,21 @@ class Cloud:
         return f"https://{self.config.domain}"
 
     @property
+    def tls_trust_anchor(self) -> Path | None:
+        """The CA file that must vouch for the public certificate; None: the system's CAs.
+
+        internal: the cloud's CA. acme: the private ACME server's bundle if set, else the
+        system's CAs; never the internal CA, which signs what nginx serves until certbot has
+        a certificate. provided: the system's CAs.
+        """
+        tls = self.config.tls
+        if tls.mode == "internal":
+            return self.ca_cert_path
+        if tls.mode == "acme":
+            return tls.acme_ca_bundle
+        return None
+
+    @property
     def lb_address(self) -> str:
         return self.hosts_in("lb")[0].address
 
@@ -163,6 +178,8 @@ class Cloud:
         if conf.tls.mode == "acme":
             global_vars["imcloud_acme_directory_url"] = conf.tls.acme_directory_url
             global_vars["imcloud_acme_email"] = conf.tls.acme_email
+            if conf.tls.acme_ca_bundle is not None:
+                global_vars["imcloud_acme_ca_bundle"] = str(conf.tls.acme_ca_bundle)
         if conf.tls.mode == "provided":
             global_vars["imcloud_tls_cert_file"] = str(conf.tls.cert_file)
             global_vars["imcloud_tls_key_file"] = str(conf.tls.key_file)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import jinja2
 import yaml
+from cryptography import x509
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -46,6 +47,20 @@ def _check_address(value: str) -> str:
     return value
 
 
+def _check_pem_bundle(path: Path) -> Path:
+    """A readable file of one or more PEM certificates, as an absolute path (Ansible copies it)."""
+    path = path.expanduser().resolve()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ValueError(f"{path} is not a bundle of PEM certificates") from None
+    return path
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,6 +69,7 @@ class TlsConfig(_Model):
     mode: Literal["internal", "acme", "provided"] = "internal"
     acme_directory_url: str | None = None
     acme_email: str | None = None
+    acme_ca_bundle: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
 
@@ -63,6 +79,11 @@ class TlsConfig(_Model):
         if value is not None and not re.match(r"^https://[^\s/]+(/\S*)?$", value):
             raise ValueError(f"{value!r} is not an https:// URL")
         return value
+
+    @field_validator("acme_ca_bundle")
+    @classmethod
+    def _pem_bundle(cls, value: Path | None) -> Path | None:
+        return None if value is None else _check_pem_bundle(value)
 
     @field_validator("acme_email")
     @classmethod
@@ -257,6 +278,18 @@ def parse_host_option(spec: str) -> dict[str, Any]:
         raise ImcloudError(f"--host {spec!r}: expected NAME=ADDRESS[,ROLE...]")
     address, *roles = rest.split(",")
     return {"name": name, "address": address, "roles": roles}
+
+
+def tls_from_options(
+    mode: str, acme_directory_url: str | None, acme_email: str | None, acme_ca_bundle: Path | None
+) -> dict[str, Any]:
+    """The ``tls`` section from `imcloud init` options; options not given are left out."""
+    given = {
+        "acme_directory_url": acme_directory_url,
+        "acme_email": acme_email,
+        "acme_ca_bundle": acme_ca_bundle,
+    }
+    return {"mode": mode, **{key: value for key, value in given.items() if value is not None}}
 
 
 def receivers_from_options(

@@ -164,7 +164,7 @@ def monitoring_apis(cloud: Cloud, via: Via = "ssh") -> Iterator[MonitoringApis]:
         if not password:
             raise ImcloudError("secrets.yml has no imcloud_monitoring_password")
         auth = (MONITOR_USER, password)
-        ca = cloud.ca_cert_path if cloud.config.tls.mode == "internal" else None
+        ca = cloud.tls_trust_anchor
         base, lb = cloud.public_url, cloud.lb_address
         yield MonitoringApis(
             Api(f"{base}/prometheus", auth=auth, ca_file=ca, connect_to=lb),

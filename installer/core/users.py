@@ -66,7 +66,7 @@ def _admin_call(cloud: Cloud, call: Callable[[AdminClient], Awaitable[T]], what:
     except aiohttp.ClientConnectorCertificateError as exc:
         raise ImcloudError(
             f"{what}: TLS certificate of {cloud.public_url} at {cloud.lb_address} not trusted "
-            f"({exc.certificate_error}); the cloud's CA is {cloud.ca_cert_path}"
+            f"({exc.certificate_error}); trusted: {cloud.tls_trust_anchor or 'the system CAs'}"
         ) from None
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise ImcloudError(

@@ -97,13 +97,9 @@ def internal_ports(cloud: Cloud, host: Host) -> set[int]:
 
 
 def cloud_tls_context(cloud: Cloud) -> ssl.SSLContext:
-    """Trust for the cloud's HTTPS: its internal CA; the system's CAs too unless TLS is internal."""
-    if cloud.config.tls.mode == "internal":
-        return ssl.create_default_context(cafile=str(cloud.ca_cert_path))
-    context = ssl.create_default_context()
-    if cloud.ca_cert_path.is_file():
-        context.load_verify_locations(cafile=str(cloud.ca_cert_path))
-    return context
+    """Trust for the cloud's HTTPS: its trust anchor only (Cloud.tls_trust_anchor)."""
+    anchor = cloud.tls_trust_anchor
+    return ssl.create_default_context(cafile=None if anchor is None else str(anchor))
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
@@ -130,7 +126,7 @@ def _reaching(cloud: Cloud, timeout: float = 15) -> Iterator[_PinnedHTTPSConnect
     except ssl.SSLCertVerificationError as exc:
         raise ImcloudError(
             f"{cloud.public_url} at {cloud.lb_address}: TLS certificate not trusted "
-            f"({exc.verify_message}); the cloud's CA is {cloud.ca_cert_path}"
+            f"({exc.verify_message}); trusted: {cloud.tls_trust_anchor or 'the system CAs'}"
         ) from None
     except OSError as exc:
         raise ImcloudError(

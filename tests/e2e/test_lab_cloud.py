@@ -11,7 +11,7 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -90,16 +90,6 @@ class WebhookSink:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    lab = Lab(LAB_NAME)
-    try:
-        lab.up(NODES)
-        yield lab
-    finally:
-        lab.down()
-
-
-@pytest.fixture(scope="module")
 def sink(lab: Lab) -> Iterator[WebhookSink]:
     sink = WebhookSink(lab.controller_address())
     try:
@@ -116,23 +106,12 @@ def cloud(lab: Lab, sink: WebhookSink, tmp_path_factory: pytest.TempPathFactory)
     return cloud
 
 
-def ssh(lab: Lab, node: str, command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        lab.ssh_command(node, command), capture_output=True, text=True, timeout=120
-    )
-
-
-def explain(result: RunResult) -> str:
-    failures = "\n".join(f"{f.host}: {f.task}: {f.message}" for f in result.failures)
-    return f"{failures}\n--- last lines of {result.log_path}:\n{log_tail(result.log_path, 60)}"
-
-
 def test_check_refuses_a_non_debian_host_and_install_changes_nothing(
-    lab: Lab, cloud: Cloud
+    cloud: Cloud, ssh: Callable[[str, str], subprocess.CompletedProcess[str]]
 ) -> None:
     fake = "sed 's/^ID=debian/ID=ubuntu/' /usr/lib/os-release > /etc/os-release.fake && "
     fake += "mv /etc/os-release /etc/os-release.real && mv /etc/os-release.fake /etc/os-release"
-    assert ssh(lab, "node3", fake).returncode == 0
+    assert ssh("node3", fake).returncode == 0
     try:
         report = check_cloud(cloud)
         assert not report.ok
@@ -142,10 +121,10 @@ def test_check_refuses_a_non_debian_host_and_install_changes_nothing(
         with pytest.raises(ImcloudError, match="preflight failed, nothing changed.*node3"):
             install(cloud)
         for node in ("node1", "node2", "node3"):
-            assert ssh(lab, node, "test -e /opt/imcloud || test -e /etc/nginx").returncode == 1
+            assert ssh(node, "test -e /opt/imcloud || test -e /etc/nginx").returncode == 1
     finally:
         restore = "mv -f /etc/os-release.real /etc/os-release"
-        assert ssh(lab, "node3", restore).returncode == 0
+        assert ssh("node3", restore).returncode == 0
 
 
 def test_check_names_an_unreachable_host(lab: Lab, cloud: Cloud, tmp_path: Path) -> None:
@@ -164,14 +143,14 @@ def test_check_passes_on_the_fresh_hosts(cloud: Cloud) -> None:
     assert report.ok, "\n".join(report.failure_lines())
 
 
-def test_install_brings_up_the_cloud(cloud: Cloud) -> None:
+def test_install_brings_up_the_cloud(cloud: Cloud, explain: Callable[[RunResult], str]) -> None:
     result = install(cloud, preflight=False)
     print(f"first install: {result.duration_s:.0f} s, phases {result.to_dict()['phases']}")
     assert result.ok, explain(result)
     assert result.changed > 0
 
 
-def test_second_install_changes_nothing(cloud: Cloud) -> None:
+def test_second_install_changes_nothing(cloud: Cloud, explain: Callable[[RunResult], str]) -> None:
     result = install(cloud)
     print(f"second install: {result.duration_s:.0f} s")
     assert result.ok, explain(result)
@@ -201,15 +180,15 @@ def test_every_expected_target_is_up(cloud: Cloud) -> None:
 
 
 def test_redis_down_alert_reaches_the_webhook_and_resolves(
-    lab: Lab, cloud: Cloud, sink: WebhookSink
+    cloud: Cloud, sink: WebhookSink, ssh: Callable[[str, str], subprocess.CompletedProcess[str]]
 ) -> None:
     cache = cloud.hosts_in("cache")[0].name
-    assert ssh(lab, cache, "systemctl stop redis-server").returncode == 0
+    assert ssh(cache, "systemctl stop redis-server").returncode == 0
     try:
         fired_after = sink.wait_for("RedisDown", "firing", ALERT_TIMEOUT_S)
         print(f"RedisDown reached the webhook {fired_after:.0f} s after redis stopped")
     finally:
-        assert ssh(lab, cache, "systemctl start redis-server").returncode == 0
+        assert ssh(cache, "systemctl start redis-server").returncode == 0
     resolved_after = sink.wait_for("RedisDown", "resolved", RESOLVE_TIMEOUT_S)
     print(f"RedisDown resolved {resolved_after:.0f} s after redis started")
 

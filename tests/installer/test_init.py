@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from installer.cli import app
 from installer.core.cloud import Cloud, init_cloud
 from installer.core.config import parse_config
-from installer.core.secrets import SECRET_NAMES
+from installer.core.secrets import SECRET_NAMES, ensure_ca
 from installer.errors import ImcloudError
 
 runner = CliRunner()
@@ -140,3 +141,84 @@ def test_init_from_options_and_refusal_to_overwrite(tmp_path: Path) -> None:
 def test_commands_refuse_a_directory_without_config(tmp_path: Path) -> None:
     with pytest.raises(ImcloudError, match="not a cloud directory"):
         Cloud.load(tmp_path)
+
+
+def _acme_bundle(tmp_path: Path) -> Path:
+    """A PEM certificate file (a freshly made CA) to serve as a private ACME server's bundle."""
+    ensure_ca(tmp_path / "acme-ca", "acme.example.test")
+    return tmp_path / "acme-ca" / "ca.crt"
+
+
+ACME = {"mode": "acme", "acme_directory_url": "https://acme.example/dir", "acme_email": "o@x.io"}
+
+
+@pytest.mark.parametrize(
+    ("tls", "field", "message"),
+    [
+        ({**ACME, "acme_email": None}, "tls", "acme_email is required when mode is acme"),
+        ({**ACME, "acme_email": "nobody"}, "tls.acme_email", "is not an email address"),
+        (
+            {**ACME, "acme_directory_url": "http://acme.example/dir"},
+            "tls.acme_directory_url",
+            "is not an https:// URL",
+        ),
+        (
+            {**ACME, "acme_directory_url": "https://acme example/dir"},
+            "tls.acme_directory_url",
+            "is not an https:// URL",
+        ),
+        ({**ACME, "acme_ca_bundle": "/nonexistent/ca.pem"}, "tls.acme_ca_bundle", "No such file"),
+        ({**ACME, "acme_ca_bundle": __file__}, "tls.acme_ca_bundle", "not a bundle of PEM"),
+    ],
+)
+def test_bad_acme_settings_are_refused_naming_the_field(
+    tmp_path: Path, tls: dict[str, object], field: str, message: str
+) -> None:
+    data = {**CLUSTER, "tls": {k: v for k, v in tls.items() if v is not None}}
+    with pytest.raises(ImcloudError, match=rf"imcloud.yml: {re.escape(field)}: .*{message}"):
+        parse_config(data)
+
+
+def test_acme_options_reach_the_inventory(tmp_path: Path) -> None:
+    bundle = _acme_bundle(tmp_path)
+    target = tmp_path / "c"
+    args = [
+        "init",
+        "--cloud",
+        str(target),
+        "--domain",
+        "chat.example.com",
+        "--host",
+        "solo=192.0.2.7",
+    ]
+    acme = ["--tls-mode", "acme", "--acme-directory-url", "https://acme.example/dir"]
+    acme += ["--acme-email", "ops@example.com", "--acme-ca-bundle", str(bundle)]
+    result = runner.invoke(app, [*args, *acme])
+    assert result.exit_code == 0, result.output
+
+    tls = Cloud.load(target).config.tls
+    assert (tls.acme_directory_url, tls.acme_ca_bundle) == ("https://acme.example/dir", bundle)
+    assert "acme_ca_bundle: optional PEM file" in (target / "imcloud.yml").read_text()
+    variables = yaml.safe_load((target / "inventory.yml").read_text())["all"]["vars"]
+    assert variables["imcloud_acme_directory_url"] == "https://acme.example/dir"
+    assert variables["imcloud_acme_email"] == "ops@example.com"
+    assert variables["imcloud_acme_ca_bundle"] == str(bundle)
+
+
+def test_acme_option_without_email_writes_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "c"
+    args = [
+        "init",
+        "--cloud",
+        str(target),
+        "--domain",
+        "chat.example.com",
+        "--host",
+        "solo=192.0.2.7",
+    ]
+    result = runner.invoke(
+        app, [*args, "--tls-mode", "acme", "--acme-directory-url", "https://acme.example/dir"]
+    )
+    assert result.exit_code == 1
+    assert "options: tls: acme_email is required when mode is acme" in result.output
+    assert not target.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -13,6 +14,7 @@ from installer.cli import app
 from installer.core import verify
 from installer.core.cloud import Cloud, init_cloud
 from installer.core.config import parse_config
+from installer.core.secrets import ensure_ca
 
 runner = CliRunner()
 
@@ -157,3 +159,29 @@ def test_controller_secret_modes_are_checked(tmp_path: Path) -> None:
     assert [r.outcome for r in report.results] == ["failed"]
     assert streamed == report.results
     assert ".vault-pass" in report.results[0].message
+
+
+def _ca_subjects(context: ssl.SSLContext) -> list[str]:
+    return [repr(ca["subject"]) for ca in context.get_ca_certs()]
+
+
+def test_acme_trusts_the_acme_bundle_never_the_internal_ca(tmp_path: Path) -> None:
+    ensure_ca(tmp_path / "acme-ca", "acme.example.test")
+    bundle = tmp_path / "acme-ca" / "ca.crt"
+    acme = {
+        "mode": "acme",
+        "acme_directory_url": "https://acme.example/dir",
+        "acme_email": "o@x.io",
+    }
+    internal = _cloud(tmp_path / "internal", CLUSTER)
+    private = _cloud(tmp_path / "private", {**CLUSTER, "tls": {**acme, "acme_ca_bundle": bundle}})
+    public = _cloud(tmp_path / "public", {**CLUSTER, "tls": acme})
+
+    internal_ca = _ca_subjects(verify.cloud_tls_context(internal))
+    assert len(internal_ca) == 1
+    assert private.tls_trust_anchor == bundle
+    assert _ca_subjects(verify.cloud_tls_context(private)) == _ca_subjects(
+        ssl.create_default_context(cafile=str(bundle))
+    )
+    assert public.tls_trust_anchor is None
+    assert not set(internal_ca) & set(_ca_subjects(verify.cloud_tls_context(public)))

@@ -215,6 +215,15 @@ SECRETS = (
     [
         ({"imcloud_admin_token": ""}, "secret imcloud_admin_token is missing or empty"),
         ({"imcloud_tls_mode": "acme"}, "tls mode acme: set tls.acme_directory_url"),
+        (
+            {
+                "imcloud_tls_mode": "acme",
+                "imcloud_acme_directory_url": "https://acme.example/dir",
+                "imcloud_acme_email": "ops@example.com",
+                "imcloud_acme_ca_bundle": "/nonexistent/acme-ca.pem",
+            },
+            "tls.acme_ca_bundle must name a readable file",
+        ),
         ({"imcloud_release": "0.0.0-other"}, "must name a release built by installer.core.wheels"),
     ],
 )
