@@ -191,7 +191,7 @@ class CloudConfig(_Model):
         for host in self.hosts:
             if not host.roles:
                 raise ValueError(f"hosts: {host.name} has no roles (cluster profile)")
-        wanted = {
+        wanted: dict[Role, tuple[int, int | None]] = {
             "lb": (1, 1),
             "app": (2, None),
             "db": (1, 1),
