@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Restart or reload each service whose settings files changed since it last started.
+"""Ensure services run, are enabled on boot, and run with the settings files on disk.
 
 Handlers live in the memory of one ansible-playbook run: a settings file written
 by a run that is then killed never gets its restart, and the next run sees the
@@ -8,6 +8,7 @@ file unchanged. This module decides from what is on the host instead. After it
 under ``state_dir``; whenever the files differ from the record (or there is no
 record yet), the service is due. A run aborted anywhere between writing a file
 and recording leaves the old record, so the next run applies the file.
+It also starts and enables the services, so a role needs no task of its own for that.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from ansible.module_utils.basic import AnsibleModule
 
 DOCUMENTATION = r"""
 module: imcloud_apply_settings
-short_description: Restart or reload services whose settings changed since they last started.
+short_description: Ensure services run, enabled, with the settings files on disk.
 description:
   - Compares a fingerprint of each service's settings files (content, or target for
     a symlink) with the one recorded when the service last (re)started, restarts or
     reloads the services that differ, then records their new fingerprint.
   - A failed restart records nothing, so the next run tries again.
+  - Then starts each service that is not running and enables each that is not enabled.
 options:
   services:
     description:
@@ -56,7 +58,9 @@ options:
 
 RETURN = r"""
 applied:
-  description: C(<action> <name>) for each service restarted or reloaded (would be, in check mode).
+  description:
+    - C(<action> <name>) for each service restarted, reloaded, started or enabled
+      (would be, in check mode).
   type: list
   elements: str
 """
@@ -119,32 +123,51 @@ def main() -> None:
         supports_check_mode=True,
     )
     state_dir = module.params["state_dir"]
+    services = module.params["services"]
+    systemctl = module.get_bin_path("systemctl", required=True)
     due = []
-    for service in module.params["services"]:
+    for service in services:
         state = fingerprint(service["paths"])
         if service["force"] or recorded(state_dir, service) != state:
             due.append((service, state))
-    applied = [f"{s['action']} {s['name']}" for s, _ in due]
-    if module.check_mode or not due:
-        module.exit_json(changed=bool(due), applied=applied)
+    units = list(dict.fromkeys(s["name"] for s in services))
+    disabled = [u for u in units if module.run_command([systemctl, "is-enabled", "--quiet", u])[0]]
+    # A due restart or reload (reload-or-restart) starts a stopped unit anyway.
+    stopped = [
+        u
+        for u in units
+        if u not in {s["name"] for s, _ in due}
+        and module.run_command([systemctl, "is-active", "--quiet", u])[0]
+    ]
+    applied = (
+        [f"{s['action']} {s['name']}" for s, _ in due]
+        + [f"started {u}" for u in stopped]
+        + [f"enabled {u}" for u in disabled]
+    )
+    if module.check_mode or not applied:
+        module.exit_json(changed=bool(applied), applied=applied)
 
-    systemctl = module.get_bin_path("systemctl", required=True)
-    restarted = {s["name"] for s, _ in due if s["action"] == "restarted"}
-    if restarted:
-        module.run_command([systemctl, "daemon-reload"], check_rc=True)
-    # Restarts first: a service restarted here has read every file, so its reload is recorded only.
-    for service, state in sorted(due, key=lambda d: d[0]["action"] != "restarted"):
-        if service["action"] == "reloaded" and service["name"] in restarted:
-            write_record(state_dir, service, state)
-            continue
-        rc, out, err = module.run_command([systemctl, COMMANDS[service["action"]], service["name"]])
+    def systemctl_do(*args: str) -> None:
+        rc, out, err = module.run_command([systemctl, *args])
         if rc != 0:
+            hint = f" (see journalctl -u {args[-1]})" if len(args) > 1 else ""
             module.fail_json(
-                msg=f"systemctl {COMMANDS[service['action']]} {service['name']} failed: "
-                f"{(err or out).strip()} (see journalctl -u {service['name']})",
+                msg=f"systemctl {' '.join(args)} failed: {(err or out).strip()}{hint}",
                 applied=applied,
             )
+
+    restarted = {s["name"] for s, _ in due if s["action"] == "restarted"}
+    if restarted:
+        systemctl_do("daemon-reload")
+    # Restarts first: a service restarted here has read every file, so its reload is recorded only.
+    for service, state in sorted(due, key=lambda d: d[0]["action"] != "restarted"):
+        if not (service["action"] == "reloaded" and service["name"] in restarted):
+            systemctl_do(COMMANDS[service["action"]], service["name"])
         write_record(state_dir, service, state)
+    for unit in stopped:
+        systemctl_do("start", unit)
+    for unit in disabled:
+        systemctl_do("enable", unit)
     module.exit_json(changed=True, applied=applied)
 
 

@@ -208,7 +208,7 @@ def test_a_setting_left_by_an_aborted_install_is_applied_by_the_next_one(
 
     result = install(cloud, tags="exporters", preflight=False)
     assert result.ok, explain(result)
-    assert ("node1", "Restart each exporter whose settings changed since it last started") in [
+    assert ("node1", "Ensure each exporter runs, enabled on boot, with the settings on disk") in [
         (host, task.split(" : ")[-1].removeprefix("service | ")) for host, task in result.changes
     ], result.changes
     assert ssh(lab, "node1", listening).stdout.split() == [f"{address}:9100"]

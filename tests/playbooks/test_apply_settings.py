@@ -21,7 +21,13 @@ ANSIBLE = str(Path(sys.executable).with_name("ansible"))
 
 FAKE_SYSTEMCTL = """#!/bin/sh
 echo "$*" >> "{log}"
-case "$*" in *broken*) echo "Job for broken.service failed." >&2; exit 1;; esac
+case "$*" in
+  "is-active --quiet "*) test ! -e "{tmp}/stopped-$3";;
+  "is-enabled --quiet "*) test ! -e "{tmp}/disabled-$3";;
+  start\\ *) rm -f "{tmp}/stopped-$2";;
+  enable\\ *) rm -f "{tmp}/disabled-$2";;
+  *broken*) echo "Job for broken.service failed." >&2; exit 1;;
+esac
 """
 
 
@@ -36,7 +42,7 @@ class Host:
         self.log.touch()
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
-        (bin_dir / "systemctl").write_text(FAKE_SYSTEMCTL.format(log=self.log))
+        (bin_dir / "systemctl").write_text(FAKE_SYSTEMCTL.format(log=self.log, tmp=tmp_path))
         (bin_dir / "systemctl").chmod(0o755)
         self.env = {
             **os.environ,
@@ -56,7 +62,9 @@ class Host:
                "-a", json.dumps(args)] + (["--check"] if check else [])  # fmt: skip
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
         result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
-        result["systemctl"] = self.log.read_text().splitlines()
+        # What systemctl was asked to do (the is-active / is-enabled queries left out).
+        calls = self.log.read_text().splitlines()
+        result["systemctl"] = [c for c in calls if not c.startswith("is-")]
         return result
 
 
@@ -115,6 +123,18 @@ def test_a_failed_restart_is_retried_and_force_restarts(host: Host) -> None:
         "daemon-reload",
         "restart svc",
     ]
+
+
+def test_stopped_or_disabled_units_are_started_and_enabled(host: Host) -> None:
+    service = [{"name": "svc", "paths": [str(host.settings)]}]
+    host.settings.write_text("x\n")
+    host.run(service)
+    (host.tmp / "stopped-svc").touch()
+    (host.tmp / "disabled-svc").touch()
+    result = host.run(service)
+    assert result["applied"] == ["started svc", "enabled svc"]
+    assert result["systemctl"] == ["start svc", "enable svc"]
+    assert host.run(service)["changed"] is False
 
 
 def test_a_symlink_counts_by_its_target(host: Host) -> None:
