@@ -15,7 +15,7 @@ from monhelpers import ROOT, VENV_BIN
 
 @pytest.fixture(scope="session")
 def render(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, Path]]:
-    """Render alertmanager.yml, prometheus.yml and blackbox.yml for an inventory.
+    """Render alertmanager.yml, prometheus.yml, blackbox.yml and the rules file for an inventory.
 
     Each distinct inventory and set of extra vars is rendered once per session.
     """
@@ -41,7 +41,9 @@ def render(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, 
                  "ANSIBLE_LOCAL_TEMP": str(work / "tmp"), "HOME": str(work)},
         )  # fmt: skip
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-        cache[key] = {n: work / f"{n}.yml" for n in ("alertmanager", "prometheus", "blackbox")}
+        cache[key] = {
+            n: work / f"{n}.yml" for n in ("alertmanager", "prometheus", "blackbox", "rules")
+        }
         return cache[key]
 
     return _render

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from monhelpers import inventory
+from monhelpers import ROOT, inventory
 
 RECEIVERS = [
     {"name": "ops-webhook", "type": "webhook", "url": "https://hooks.example.test/alert"},
@@ -88,6 +88,18 @@ def test_prometheus_targets_follow_the_inventory(render: Render) -> None:
     three = _targets(render(inventory(app_hosts=3))["prometheus"])
     assert three["im_server"][-1] == ("10.9.0.33:8080", "app3")
     assert ("10.9.0.33:9100", "app3") in three["node"]
+
+
+def test_rules_file_holds_every_shipped_rule_group_unchanged(render: Render) -> None:
+    """The role installs monitoring/prometheus/rules/*.yml merged into one file."""
+    shipped = [
+        group
+        for path in sorted((ROOT / "monitoring/prometheus/rules").glob("*.yml"))
+        for group in yaml.safe_load(path.read_text())["groups"]
+    ]
+    installed = yaml.safe_load(render(inventory())["rules"].read_text())["groups"]
+    assert installed == shipped
+    assert any("{{ $labels" in str(group) for group in installed), "templates must stay verbatim"
 
 
 def test_prometheus_listens_internally_under_a_route_prefix(render: Render) -> None:
