@@ -161,16 +161,18 @@ def test_second_install_changes_nothing(cloud: Cloud, explain: Callable[[RunResu
 
 
 def test_a_setting_left_by_an_aborted_install_is_applied_by_the_next_one(
-    lab: Lab, cloud: Cloud
+    cloud: Cloud,
+    ssh: Callable[[str, str], subprocess.CompletedProcess[str]],
+    explain: Callable[[RunResult], str],
 ) -> None:
     """Issue #3: node exporter stayed on *:9100 after a run died before its restart handler."""
     settings = "/etc/default/prometheus-node-exporter"
     apply = {"services": [{"name": "prometheus-node-exporter", "paths": [settings]}]}
-    wanted = ssh(lab, "node1", f"cat {settings}").stdout
+    wanted = ssh("node1", f"cat {settings}").stdout
     address = cloud.hosts_in("lb")[0].internal_address
     # An earlier install ran node exporter with Debian's default settings (all addresses).
     debian_default = f"cp {settings} /root/wanted && echo 'ARGS=\"\"' > {settings}"
-    assert ssh(lab, "node1", debian_default).returncode == 0
+    assert ssh("node1", debian_default).returncode == 0
     adhoc = subprocess.run(
         [str(Path(sys.executable).with_name("ansible")), "node1", "-i", str(cloud.inventory_path),
          "-m", "ansible.legacy.imcloud_apply_settings", "-a", json.dumps(apply)],
@@ -179,10 +181,10 @@ def test_a_setting_left_by_an_aborted_install_is_applied_by_the_next_one(
     )  # fmt: skip
     assert adhoc.returncode == 0, adhoc.stdout + adhoc.stderr
     # The aborted install wrote today's settings back and died before restarting.
-    assert ssh(lab, "node1", f"mv /root/wanted {settings}").returncode == 0
-    assert ssh(lab, "node1", f"cat {settings}").stdout == wanted
+    assert ssh("node1", f"mv /root/wanted {settings}").returncode == 0
+    assert ssh("node1", f"cat {settings}").stdout == wanted
     listening = "ss -Hltn 'sport = :9100' | awk '{print $4}'"
-    before = ssh(lab, "node1", listening).stdout.split()
+    before = ssh("node1", listening).stdout.split()
     assert before and before != [f"{address}:9100"], before  # still on all addresses
 
     result = install(cloud, tags="exporters", preflight=False)
@@ -190,7 +192,7 @@ def test_a_setting_left_by_an_aborted_install_is_applied_by_the_next_one(
     assert ("node1", "Ensure each exporter runs, enabled on boot, with the settings on disk") in [
         (host, task.split(" : ")[-1].removeprefix("service | ")) for host, task in result.changes
     ], result.changes
-    assert ssh(lab, "node1", listening).stdout.split() == [f"{address}:9100"]
+    assert ssh("node1", listening).stdout.split() == [f"{address}:9100"]
 
 
 def test_verify_passes(cloud: Cloud) -> None:
