@@ -299,9 +299,9 @@ class Client:
                 await self._open()
                 return True
             except ImError as exc:
-                if exc.code == "token_revoked" or exc.status == 401 and (
+                if exc.code == "token_revoked" or (exc.status == 401 and (
                     not self.refresh_token or not await self._renew_for_reconnect()
-                ):
+                )):
                     return False
             except (aiohttp.ClientError, OSError, TimeoutError):
                 pass

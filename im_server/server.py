@@ -568,18 +568,20 @@ async def admin_list_users(request: web.Request) -> web.Response:
 
 
 async def admin_disable_user(request: web.Request) -> web.Response:
-    return await _retire_user(request, "disabled")
+    node = _admin(request)
+    retired = await node.storage.disable_user(request.match_info["username"])
+    return _retired(node, "disabled", retired)
 
 
 async def admin_delete_user(request: web.Request) -> web.Response:
-    return await _retire_user(request, "deleted")
-
-
-async def _retire_user(request: web.Request, how: str) -> web.Response:
-    """Disable or delete: either way every device is signed out and its sockets close."""
     node = _admin(request)
-    retire = node.storage.delete_user if how == "deleted" else node.storage.disable_user
-    uid, devices = await retire(request.match_info["username"])
+    retired = await node.storage.delete_user(request.match_info["username"])
+    return _retired(node, "deleted", retired)
+
+
+def _retired(node: Node, how: str, retired: tuple[int, list[int]]) -> web.Response:
+    """Disabled or deleted: either way every device is signed out and its sockets close."""
+    uid, devices = retired
     node.kick(uid)
     return _json({"id": uid, how: True, "revoked_devices": len(devices)})
 
