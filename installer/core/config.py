@@ -114,6 +114,10 @@ class SshConfig(_Model):
     private_key_file: Path | None = None
     strict_host_key_checking: bool = True
     known_hosts_file: Path | None = None
+    # Run Ansible's modules through mitogen (one Python per host for the whole run)
+    # rather than shipping each module over its own SSH command; false is the
+    # fallback should a host's setup not agree with it.
+    mitogen: bool = True
 
     @field_validator("private_key_file")
     @classmethod

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import ansible_mitogen
 import ansible_runner
 
 from installer.core.cloud import Cloud
@@ -163,9 +164,10 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
-def _ansible_env(cloud: Cloud) -> dict[str, str]:
+def ansible_env(cloud: Cloud) -> dict[str, str]:
+    """Environment of ansible-playbook for this cloud (what ansible.cfg says for manual runs)."""
     venv_bin = str(Path(sys.executable).parent)
-    return {
+    env = {
         "PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         "ANSIBLE_ROLES_PATH": str(playbooks_dir() / "roles"),
         "ANSIBLE_PIPELINING": "True",
@@ -178,6 +180,11 @@ def _ansible_env(cloud: Cloud) -> dict[str, str]:
         "ANSIBLE_SSH_CONTROL_PATH_DIR": str(cloud.dir / ".ansible" / "cp"),
         "ANSIBLE_CALLBACK_RESULT_FORMAT": "yaml",
     }
+    if cloud.config.ssh.mitogen:
+        plugins = Path(ansible_mitogen.__file__).parent / "plugins"
+        env["ANSIBLE_STRATEGY_PLUGINS"] = str(plugins / "strategy")
+        env["ANSIBLE_STRATEGY"] = "mitogen_linear"
+    return env
 
 
 def run_playbook(
@@ -221,7 +228,7 @@ def run_playbook(
             project_dir=str(playbooks_dir()),
             playbook=str(path),
             inventory=str(cloud.inventory_path),
-            envvars=_ansible_env(cloud),
+            envvars=ansible_env(cloud),
             cmdline=shlex.join(cmdline),
             tags=tags,
             limit=limit,
