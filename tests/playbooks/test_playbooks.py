@@ -255,3 +255,56 @@ def test_bad_input_stops_site_yml_before_any_host_is_touched(
     assert proc.returncode != 0
     assert message in output, output
     assert "192.0.2.1" not in output and "UNREACHABLE" not in output, output
+
+
+# Each role, the inventory group whose hosts run it (site.yml, monitoring.yml) and
+# the variable of its package list.
+ROLE_PACKAGES = {
+    "tls": ("imcloud", "__tls_packages"),
+    "exporters": ("imcloud", "__exporters_install_packages"),
+    "postgresql": ("db", "__postgresql_packages"),
+    "redis": ("cache", "__redis_packages"),
+    "nginx": ("lb", "__nginx_packages"),
+    "monitoring": ("monitoring", "__monitoring_packages"),
+}
+
+PACKAGES_PLAY = """
+- name: Compare each role's packages with the common role's one apt transaction
+  hosts: imcloud
+  connection: local
+  gather_facts: false
+  vars:
+    ansible_python_interpreter: "{{{{ ansible_playbook_python }}}}"
+  tasks:
+    - name: Load the roles' defaults and vars
+      ansible.builtin.include_vars:
+        file: "{{{{ item }}}}"
+      loop: {files}
+    - name: Each role's packages are already in the common role's list
+      ansible.builtin.assert:
+        that: lookup('vars', item.value[1]) is subset(__common_install_packages)
+        fail_msg: "{{{{ item.key }}}} installs {{{{ lookup('vars', item.value[1])
+          | difference(__common_install_packages) }}}} in its own apt run"
+      loop: "{{{{ {role_packages} | dict2items
+        | selectattr('value.0', 'in', group_names + ['imcloud']) }}}}"
+"""
+
+
+@pytest.mark.parametrize("layout", [SINGLE, CLUSTER], ids=["single", "cluster"])
+def test_common_installs_every_package_of_the_host_s_roles(
+    tmp_path: Path, layout: dict[str, tuple[list[str], str]]
+) -> None:
+    """The roles skip their apt run when common has installed their packages (one transaction)."""
+    files = [
+        str(PLAYBOOKS / "roles" / role / kind / "main.yml")
+        for role in ["common", *ROLE_PACKAGES]
+        for kind in ("defaults", "vars")
+        if (PLAYBOOKS / "roles" / role / kind / "main.yml").is_file()
+    ]
+    play = tmp_path / "packages.yml"
+    play.write_text(PACKAGES_PLAY.format(files=files, role_packages=ROLE_PACKAGES))
+    # Time sync depends on facts (not in a container); off, the list needs none.
+    inventory = str(_inventory(tmp_path, layout))
+    no_timesync = '{"common_timesync_enabled": false}'
+    proc = _run([ANSIBLE_PLAYBOOK, "-i", inventory, "-e", no_timesync, str(play)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
