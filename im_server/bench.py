@@ -141,7 +141,11 @@ class Conn:
     def start(self) -> None:
         """From here on this object reads and writes the socket itself."""
         assert self.ws is not None
-        transport = self.ws._writer.transport  # aiohttp does not expose it otherwise
+        # aiohttp does not expose the transport otherwise; tests/im_server/test_bench.py
+        # notices when an aiohttp release moves it.
+        transport = getattr(getattr(self.ws, "_writer", None), "transport", None)
+        if transport is None:
+            raise RuntimeError(f"aiohttp {aiohttp.__version__} hides the WebSocket's transport")
         self.frames_io = _Frames(transport, self._on_text)
         transport.set_protocol(self.frames_io)
 
