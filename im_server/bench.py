@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
 import signal
@@ -17,7 +18,7 @@ import ssl
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,17 +57,76 @@ class Stats:
     last_delivery: float = 0.0
 
 
+class _Frames(asyncio.Protocol):
+    """Reads the server's frames straight off the transport and hands each text frame to
+    ``on_text`` at once: no reader task, no queue, so the receive time is taken as the
+    bytes arrive. Answers pings; the server never fragments or masks its frames."""
+
+    def __init__(self, transport: asyncio.BaseTransport,
+                 on_text: Callable[[bytes, float], None]) -> None:
+        self.transport = transport
+        self.previous = transport.get_protocol()  # aiohttp's: told when the socket closes
+        self.on_text = on_text
+        self.buf = bytearray()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        buf = self.buf
+        buf += data
+        pos, size = 0, len(buf)
+        while size - pos >= 2:
+            op, length, at = buf[pos] & 0x0F, buf[pos + 1] & 0x7F, pos + 2
+            if length == 126:
+                length, at = int.from_bytes(buf[at:at + 2], "big"), at + 2
+            elif length == 127:
+                length, at = int.from_bytes(buf[at:at + 8], "big"), at + 8
+            if size < at + length:
+                break
+            payload = bytes(buf[at:at + length])
+            pos = at + length
+            if op == 1:
+                self.on_text(payload, now)
+            elif op == 9:
+                _write_frame(self.transport, payload, 0x8A)
+            elif op == 8:
+                self.transport.close()
+        del buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.previous.connection_lost(exc)  # else aiohttp's session.close() waits forever
+
+
+def _write_frame(transport: asyncio.BaseTransport, payload: bytes, first: int = 0x81) -> None:
+    """One client frame. Clients must mask; the all-zero mask key leaves the payload as it
+    is, which spares the load generator the copy and XOR of every frame."""
+    size = len(payload)
+    if size < 126:
+        header = bytes((first, 0x80 | size))
+    elif size < 65536:
+        header = bytes((first, 0x80 | 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((first, 0x80 | 127)) + size.to_bytes(8, "big")
+    transport.write(header + b"\0\0\0\0" + payload)  # type: ignore[attr-defined]
+
+
 class Conn:
-    """A raw, lean WebSocket for one user: the bench must not be the bottleneck."""
+    """A raw, lean WebSocket for one user: the bench must not be the bottleneck.
+
+    aiohttp does the handshake (TLS, headers, source address); then the socket's frames
+    are read and written directly (:class:`_Frames`, :func:`_write_frame`).
+    """
 
     def __init__(self, stats: Stats, base: float) -> None:
         self.stats = stats
         self.base = base
         self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.frames_io: _Frames | None = None
         self.intended: dict[str, float] = {}
         self.last_seq: dict[int, int] = {}
         self.waiter: asyncio.Future[None] | None = None
-        self.task: asyncio.Task[None] | None = None
         self.frames: dict[str, bytes] = {}
 
     async def open(self, session: aiohttp.ClientSession, url: str, token: str,
@@ -79,68 +139,78 @@ class Conn:
         await self.ws.receive(timeout=30)  # hello
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
+        """From here on this object reads and writes the socket itself."""
         assert self.ws is not None
+        # aiohttp does not expose the transport otherwise; tests/im_server/test_bench.py
+        # notices when an aiohttp release moves it.
+        transport = getattr(getattr(self.ws, "_writer", None), "transport", None)
+        if transport is None:
+            raise RuntimeError(f"aiohttp {aiohttp.__version__} hides the WebSocket's transport")
+        self.frames_io = _Frames(transport, self._on_text)
+        transport.set_protocol(self.frames_io)
+
+    def _on_text(self, data: bytes, now: float) -> None:
         stats = self.stats
-        async for msg in self.ws:
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                continue
-            now = time.monotonic()
-            frame = orjson.loads(msg.data)
-            kind = frame["type"]
-            if kind == "msg":
-                body = frame["body"]
-                if not isinstance(body, dict) or "t" not in body:
-                    continue
-                cid = frame["cid"]
-                count = stats.delivered.get(cid, 0)
-                stats.delivered[cid] = count + 1
-                if count == 0:
-                    stats.deliver_ms.append((now - self.base - body["t"]) * 1000)
-                conv, seq = frame["conv"], frame["seq"]
-                if seq < self.last_seq.get(conv, 0):
-                    stats.reordered += 1
-                else:
-                    self.last_seq[conv] = seq
-                stats.last_delivery = now
-            elif kind == "ack":
-                cid = frame["cid"]
-                sent_at = self.intended.pop(cid, None)
-                self.frames.pop(cid, None)
-                if cid not in stats.acked and sent_at is not None:
-                    stats.ack_ms.append((now - sent_at) * 1000)
-                stats.acked[cid] = (frame["conv"], frame["seq"])
-                if self.waiter and not self.waiter.done():
-                    self.waiter.set_result(None)
-            elif kind == "error":
-                code = frame.get("code", "?")
-                stats.errors[code] = stats.errors.get(code, 0) + 1
-                ref = frame.get("ref")
-                if code in ("unavailable", "rate_limited", "draining") and ref in self.frames:
-                    asyncio.get_running_loop().call_later(0.1, self._resend, ref)
+        frame = orjson.loads(data)
+        kind = frame["type"]
+        if kind == "msg":
+            body = frame["body"]
+            if not isinstance(body, dict) or "t" not in body:
+                return
+            cid = frame["cid"]
+            count = stats.delivered.get(cid, 0)
+            stats.delivered[cid] = count + 1
+            if count == 0:
+                stats.deliver_ms.append((now - self.base - body["t"]) * 1000)
+            conv, seq = frame["conv"], frame["seq"]
+            if seq < self.last_seq.get(conv, 0):
+                stats.reordered += 1
+            else:
+                self.last_seq[conv] = seq
+            stats.last_delivery = now
+        elif kind == "ack":
+            cid = frame["cid"]
+            sent_at = self.intended.pop(cid, None)
+            self.frames.pop(cid, None)
+            if cid not in stats.acked and sent_at is not None:
+                stats.ack_ms.append((now - sent_at) * 1000)
+            stats.acked[cid] = (frame["conv"], frame["seq"])
+            if self.waiter and not self.waiter.done():
+                self.waiter.set_result(None)
+        elif kind == "error":
+            code = frame.get("code", "?")
+            stats.errors[code] = stats.errors.get(code, 0) + 1
+            ref = frame.get("ref")
+            if code in ("unavailable", "rate_limited", "draining") and ref in self.frames:
+                asyncio.get_running_loop().call_later(0.1, self._resend, ref)
 
     def _resend(self, cid: str) -> None:
         frame = self.frames.get(cid)
-        if frame is not None and self.ws is not None and not self.ws.closed:
-            asyncio.ensure_future(self.ws.send_bytes(frame))
+        io = self.frames_io
+        if frame is not None and io is not None and not io.transport.is_closing():
+            _write_frame(io.transport, frame)
 
-    async def send(self, conv: int, intended: float, n: int) -> None:
+    def send(self, conv: int, intended: float, n: int) -> None:
         cid = uuid.uuid4().hex
         frame = orjson.dumps({"type": "send", "conv": conv, "cid": cid,
                               "body": {"t": intended - self.base, "n": n, "pad": "x" * 40}})
         self.intended[cid] = intended
         self.frames[cid] = frame
         self.stats.sent += 1
-        assert self.ws is not None
-        await self.ws.send_bytes(frame)
+        assert self.frames_io is not None
+        _write_frame(self.frames_io.transport, frame)
 
     async def close(self) -> None:
-        if self.ws is not None:
-            await self.ws.close()
-        if self.task is not None:
-            await asyncio.wait([self.task], timeout=5)
+        io = self.frames_io
+        if io is None:
+            if self.ws is not None:
+                await self.ws.close()
+            return
+        if not io.transport.is_closing():
+            _write_frame(io.transport, (1000).to_bytes(2, "big"), 0x88)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(io.closed), 5)
+        io.transport.close()
 
 
 class Bench:
@@ -217,7 +287,7 @@ class Bench:
                 await asyncio.sleep(due - now)
                 loop_lag.append(time.monotonic() - due)
             conn, conv = routes[k % len(routes)]
-            await conn.send(conv, due, k)
+            conn.send(conv, due, k)
         send_end = time.monotonic()
         _say(f"sent {stats.sent}; waiting up to {args.grace:g}s for acks and deliveries")
         deadline = send_end + args.grace
@@ -268,7 +338,7 @@ class Bench:
         started = time.monotonic()
         for n in range(self.args.serial):
             conn.waiter = loop.create_future()
-            await conn.send(conv, time.monotonic(), n)
+            conn.send(conv, time.monotonic(), n)
             await asyncio.wait_for(conn.waiter, 30)
         total = time.monotonic() - started
         await conn.close()

@@ -1,11 +1,26 @@
 """Cross-node fan-out and presence over Redis.
 
-Every node publishes to and subscribes to one channel. A payload is the origin
-node id on the first line, then one record per line:
+Each node subscribes to its own channel ``im:fanout:<node>`` and lists itself in the
+set ``im:nodes``. A publish is one call of a Lua script (:data:`_FANOUT_LUA`) that
+sends the payload to the channel of every *other* node in that set, so a node never
+reads back its own publishes and a node alone publishes nothing. A payload is the
+origin node id on the first line, then one record per line:
 ``<user ids, comma separated>\\t<device id to skip>\\t<frame JSON>``. Control
 records have a first field starting with ``!`` (see :data:`KICK`, :data:`RESYNC`,
 :data:`PRESENCE`). Pub/sub is only a wake-up path: PostgreSQL holds every message,
 and a node whose subscription broke tells its clients to re-sync once it is back.
+
+Why no live message is missed by a node that joins (or rejoins after losing Redis):
+the node subscribes to its channel *first*, then adds itself to ``im:nodes``, and
+only then accepts WebSockets (at start) or tells its clients to re-sync (after a
+loss). The script reads ``im:nodes`` and publishes atomically, after the message
+was committed. So for a message committed on another node either the script ran
+after the ``SADD`` (the joining node is subscribed and gets it live), or it ran
+before, and then the commit was visible before the node accepted the socket or
+sent ``resync``, so the client's sync after connecting (or after ``resync``) reads
+it from PostgreSQL. The script drops a node from ``im:nodes`` only when nobody
+listens on its channel and its liveness key has expired; such a node re-adds itself
+(and re-syncs its clients) when its subscription comes back.
 """
 
 from __future__ import annotations
@@ -24,12 +39,28 @@ __all__ = ["KICK", "PRESENCE", "RESYNC", "Fanout", "Record", "decode_payload", "
 
 log = logging.getLogger("im_server.fanout")
 
-CHANNEL = "im:fanout"
+CHANNEL_PREFIX = "im:fanout:"
+NODES = "im:nodes"
 KICK = "!kick"  # fields: user id, device id (0 = every device of the user)
 RESYNC = "!resync"  # every node tells its clients to sync
 PRESENCE = "!presence"  # fields: user id, 1 online / 0 offline
 
 Record = tuple[str, str, bytes]  # (users or control word, second field, frame)
+
+# KEYS[1] = the node set; ARGV = origin node, payload. Returns the number of receivers.
+_FANOUT_LUA = """
+local sent = 0
+for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if node ~= ARGV[1] then
+    local got = redis.call('PUBLISH', 'im:fanout:' .. node, ARGV[2])
+    if got == 0 and redis.call('EXISTS', 'im:node:' .. node) == 0 then
+      redis.call('SREM', KEYS[1], node)
+    end
+    sent = sent + got
+  end
+end
+return sent
+"""
 
 
 def encode_payload(node: str, records: Iterable[Record]) -> bytes:
@@ -86,13 +117,28 @@ class Fanout:
         self._wake = asyncio.Event()
         self._publish_failed = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._fanout = self.redis.register_script(_FANOUT_LUA)
+        self._registered = asyncio.Event()
+        self._resync_on_subscribe = False
 
-    async def start(self) -> None:
+    async def start(self, *, wait_s: float = 5.0) -> None:
+        """Start the tasks and wait (bounded) until this node is subscribed and listed.
+
+        Call before accepting WebSockets: a client that connects later is either
+        reached by every publish or syncs past it (see the module docstring). If
+        Redis is not there yet, the node starts anyway and its clients re-sync once
+        the subscription is up.
+        """
         self._tasks = [
             asyncio.create_task(self._subscriber(), name="fanout-sub"),
             asyncio.create_task(self._publisher(), name="fanout-pub"),
             asyncio.create_task(self._heartbeat(), name="presence"),
         ]
+        try:
+            await asyncio.wait_for(self._registered.wait(), wait_s)
+        except TimeoutError:
+            log.warning("redis subscription not up after %.0fs: starting anyway", wait_s)
+        self._resync_on_subscribe = True
 
     async def stop(self) -> None:
         """Best effort, bounded: Redis may be the thing that is down."""
@@ -100,6 +146,7 @@ class Fanout:
             task.cancel()
         await asyncio.wait(self._tasks, timeout=2)
         for step in (
+            self.redis.srem(NODES, self.node),
             self.redis.delete(f"im:node:{self.node}"),
             self.redis.aclose(),
             self._sub_redis.aclose(),
@@ -125,7 +172,8 @@ class Fanout:
                 chunk, self._outbox = self._outbox[:1000], self._outbox[1000:]
                 started = time.perf_counter()
                 try:
-                    await self.redis.publish(CHANNEL, encode_payload(self.node, chunk))
+                    payload = encode_payload(self.node, chunk)
+                    await self._fanout(keys=[NODES], args=[self.node, payload])
                 except (RedisError, OSError, TimeoutError) as exc:
                     # Subscribers lost these records: once Redis answers again every
                     # node is told to re-sync its clients from PostgreSQL.
@@ -141,29 +189,33 @@ class Fanout:
                     self.publish([(RESYNC, "", b"{}")])
                     self.on_resubscribed()
 
+    async def _register(self) -> None:
+        """List this node in the node set (after subscribing: see the module docstring)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(f"im:node:{self.node}", "1", ex=self.ttl)
+        pipe.sadd(NODES, self.node)
+        await pipe.execute()
+
     async def _subscriber(self) -> None:
-        first = True
         delay = 0.1
         while True:
             pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(CHANNEL)
+                await pubsub.subscribe(CHANNEL_PREFIX + self.node)
+                await self._register()
                 self.subscribed = True
                 self.metrics.redis_up.set(1)
                 delay = 0.1
-                if not first:
+                if self._resync_on_subscribe:
                     log.warning("redis subscription restored: clients re-sync")
                     self.on_resubscribed()
-                first = False
-                own = self.node.encode() + b"\n"
+                self._resync_on_subscribe = True
+                self._registered.set()
                 while True:
                     msg = await pubsub.get_message(timeout=None)
                     if msg is None or msg.get("type") != "message":
                         continue
-                    data: bytes = msg["data"]
-                    if data.startswith(own):
-                        continue
-                    self.on_records(decode_payload(data)[1])
+                    self.on_records(decode_payload(msg["data"])[1])
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError) as exc:
@@ -189,7 +241,7 @@ class Fanout:
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.set(f"im:node:{self.node}", "1", ex=self.ttl)
-                pipe.sadd("im:nodes", self.node)
+                pipe.sadd(NODES, self.node)
                 for user in self.local_users():
                     pipe.set(f"im:online:{user}:{self.node}", "1", ex=self.ttl)
                 await pipe.execute()
@@ -214,7 +266,7 @@ class Fanout:
         """Which users have a device on a live node (keys of a dead node expire)."""
         started = time.perf_counter()
         nodes = [n.decode() if isinstance(n, bytes) else n
-                 for n in await self.redis.smembers("im:nodes")]
+                 for n in await self.redis.smembers(NODES)]
         pipe = self.redis.pipeline(transaction=False)
         for user in users:
             pipe.exists(*[f"im:online:{user}:{n}" for n in nodes] or ["im:none"])

@@ -1,4 +1,4 @@
-"""im_commit_one answers exactly like im_commit_batch does for a batch of one send."""
+"""im_commit_one and im_commit_few answer exactly like im_commit_batch does."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from im_server.migrate import migrate
 
 ONE = "SELECT * FROM im_commit_one($1, $2, $3, $4, $5, $6)"
 BATCH = "SELECT * FROM im_commit_batch($1, $2, $3, $4, $5, $6)"
+FEW = "SELECT * FROM im_commit_few($1, $2, $3, $4, $5, $6)"
 
 
 async def _database(stack: Stack) -> asyncpg.Connection:
@@ -55,4 +56,35 @@ async def test_one_and_batch_give_the_same_answers(stack: Stack) -> None:
     ]
     assert answers["one"][0][4] == [1, 2]
     assert await conn.fetchval("SELECT last_seq FROM conversations WHERE id = 1") == 2
+    await conn.close()
+
+
+async def test_few_and_batch_give_the_same_answers(stack: Stack) -> None:
+    conn = await _database(stack)
+    batches = [  # (conv, sender, cid) per send, one call per batch
+        [(1, 1, "a"), (2, 3, "b"), (1, 2, "c"), (2, 1, "x"), (99, 1, "y"), (1, 1, "d")],
+        [(1, 1, "a"), (2, 2, "e"), (1, 2, "f")],  # a retry of "a" among fresh sends
+    ]
+    answers = {}
+    for query in (FEW, BATCH):
+        await conn.execute("DELETE FROM messages; UPDATE conversations SET last_seq = 0")
+        got = []
+        for batch in batches:
+            n = len(batch)
+            rows = await conn.fetch(query, [c for c, _, _ in batch], [s for _, s, _ in batch],
+                                    [7] * n, [cid for _, _, cid in batch], ['{"t": 1}'] * n,
+                                    [1000] * n)
+            got.append(sorted(tuple(r) for r in rows))
+        stored = await conn.fetch("SELECT conversation_id, seq, sender_id, client_msg_id"
+                                  " FROM messages ORDER BY 1, 2")
+        answers[query] = (got, [tuple(r) for r in stored])
+    assert answers[FEW] == answers[BATCH]
+    first, second = answers[FEW][0]
+    assert [(seq, status) for _, seq, _, status, _ in first] == [
+        (1, "ok"), (1, "ok"), (2, "ok"), (0, "not_member"), (0, "not_member"), (3, "ok"),
+    ]
+    assert [(seq, status) for _, seq, _, status, _ in second] == [
+        (1, "duplicate"), (2, "ok"), (4, "ok"),
+    ]
+    assert first[0][4] == [1, 2] and first[1][4] == [2, 3]
     await conn.close()
