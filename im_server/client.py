@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import jwt
 import orjson
 
 from .protocol import CloseCode, SeqTracker
@@ -174,6 +176,10 @@ class Client:
             reordering (for measurements).
         reconnect: reconnect and re-sync automatically when the socket drops (after
             close 4001, an expired access token, refresh it first).
+        renew_in_place: shortly before the access token expires, refresh it and hand
+            it to the open socket (an ``auth`` frame), so the socket stays open; needs
+            ``refresh_token``. If that fails the socket closes with 4001 and
+            ``reconnect`` takes over.
     """
 
     def __init__(self, base_url: str, access_token: str, *, refresh_token: str | None = None,
@@ -181,7 +187,7 @@ class Client:
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
                  fallback_urls: Sequence[str] = (),
                  on_frame: Callable[[dict[str, Any]], None] | None = None,
-                 reconnect: bool = True) -> None:
+                 reconnect: bool = True, renew_in_place: bool = True) -> None:
         self._http = _Http(base_url, ssl_context, server_hostname)
         self._urls = [base_url.rstrip("/"), *[u.rstrip("/") for u in fallback_urls]]
         self.access_token = access_token
@@ -194,6 +200,8 @@ class Client:
         self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
         self._on_frame = on_frame
         self._reconnect = reconnect
+        self._renew_in_place = renew_in_place
+        self._renewal: asyncio.TimerHandle | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._connected = asyncio.Event()
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -256,6 +264,33 @@ class Client:
         self.user_id, self.device_id, self.node = hello["user"], hello["device"], hello["node"]
         self._ws = ws
         self._connected.set()
+        self._schedule_renewal()
+
+    def _schedule_renewal(self) -> None:
+        """Renew the access token over the open socket a little before it expires
+        (a fifth of its life, 1-60 s, ahead)."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
+        if not (self._renew_in_place and self.refresh_token) or self._closed:
+            return
+        try:
+            claims = jwt.decode(self.access_token, options={"verify_signature": False})
+            left = float(claims["exp"]) - time.time()
+        except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
+            return  # not a token we can read: expiry and reconnect handle it
+        delay = max(0.0, left - max(1.0, min(60.0, left / 5)))
+        self._renewal = asyncio.get_running_loop().call_later(
+            delay, lambda: self._background(self._renew())
+        )
+
+    async def _renew(self) -> None:
+        try:
+            await self.refresh()
+            await self._request({"type": "auth", "token": self.access_token}, 10)
+        except (ImError, aiohttp.ClientError, OSError, TimeoutError):
+            return  # the socket closes with 4001 at expiry and the reconnect path takes over
+        self._schedule_renewal()
 
     async def _read_loop(self) -> None:
         while True:
@@ -332,7 +367,7 @@ class Client:
                 fut.set_exception(ImError(frame["code"], frame.get("message", "")))
             else:
                 self.events.put_nowait(frame)
-        elif kind in ("synced", "presence_state", "pong"):
+        elif kind in ("synced", "presence_state", "pong", "auth_ok"):
             for conv, seq in (frame.get("from") or {}).items():
                 for item in self.tracker.start_at(int(conv), seq):
                     self._inbox.put_nowait(_message(item))  # type: ignore[arg-type]
@@ -497,6 +532,8 @@ class Client:
 
     async def close(self) -> None:
         self._closed = True
+        if self._renewal is not None:
+            self._renewal.cancel()
         for task in list(self._tasks):
             task.cancel()
         if self._ws is not None:

@@ -22,6 +22,7 @@ __all__ = [
 
 MAX_CLIENT_MSG_ID = 64
 MAX_BODY_BYTES = 16384
+MAX_TOKEN_CHARS = 4096
 
 
 class CloseCode:
@@ -49,6 +50,8 @@ class ErrorCode:
     UNAVAILABLE = "unavailable"
     DRAINING = "draining"
     INTERNAL = "internal"
+    TOKEN_INVALID = "token_invalid"  # auth frame: forged, malformed or another device's
+    TOKEN_EXPIRED = "token_expired"  # auth frame: the new token has expired already
 
 
 class ProtocolError(Exception):
@@ -78,6 +81,7 @@ class Frame:
     body: bytes = b""  # body re-encoded as JSON, stored verbatim
     positions: dict[int, int] | None = None
     users: list[int] | None = None
+    token: str = ""
     ref: object = None
 
 
@@ -135,6 +139,13 @@ def _sync(data: dict[str, Any], frame: Frame) -> None:
     frame.positions = out
 
 
+def _auth(data: dict[str, Any], frame: Frame) -> None:
+    token = data.get("token")
+    if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "'token' must be an access token", frame.ref)
+    frame.token = token
+
+
 def _presence(data: dict[str, Any], frame: Frame) -> None:
     users = data.get("users")
     if (
@@ -153,6 +164,7 @@ _VALIDATORS = {
     "typing": _conv,
     "sync": _sync,
     "presence": _presence,
+    "auth": _auth,
     "ping": None,
 }
 CLIENT_TYPES = frozenset(_VALIDATORS)

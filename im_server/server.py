@@ -79,12 +79,20 @@ class Conn:
         self.frames_in = 0
         self.frames_out = 0
         self.peer = request.remote or "-"
-        # A socket must not outlive the token that opened it: the client refreshes it
-        # and reconnects (then syncs). Cancelled in unregister.
-        self.expiry = asyncio.get_running_loop().call_later(
-            max(0.0, claims.expires - time.time()),
+        self.expiry = self._close_at(claims.expires)
+
+    def _close_at(self, expires: int) -> asyncio.TimerHandle:
+        """A socket must not outlive its access token: closed with 4001 at ``expires``
+        (unix seconds) unless an ``auth`` frame brings a newer token first (see
+        :meth:`expire_at`). Cancelled in unregister."""
+        return asyncio.get_running_loop().call_later(
+            max(0.0, expires - time.time()),
             self.close, CloseCode.TOKEN_EXPIRED, "access token expired: refresh and reconnect",
         )
+
+    def expire_at(self, expires: int) -> None:
+        self.expiry.cancel()
+        self.expiry = self._close_at(expires)
 
     def send(self, data: bytes) -> None:
         """Write one text frame now, without awaiting (the payload is encoded once by callers).
@@ -364,6 +372,8 @@ class Node:
                     {"type": "typing", "conv": frame.conv, "user": conn.user}))
             elif frame.type == "presence":
                 await self._watch(conn, frame)
+            elif frame.type == "auth":
+                await self._reauth(conn, frame)
         except ProtocolError as exc:
             self.metrics.errors.labels(exc.code).inc()
             conn.send(exc.frame())
@@ -382,6 +392,20 @@ class Node:
         conn.send(ProtocolError(ErrorCode.UNAVAILABLE,
                                 f"storage unavailable ({type(exc).__name__}): retry",
                                 frame.ref).frame())
+
+    async def _reauth(self, conn: Conn, frame: Frame) -> None:
+        """A newer access token of the same device extends the socket's life in place."""
+        try:
+            claims = self.tokens.verify(frame.token)
+        except TokenError as exc:
+            raise ProtocolError(exc.code, str(exc), frame.ref) from None
+        if (claims.user, claims.device) != (conn.user, conn.device):
+            raise ProtocolError(ErrorCode.TOKEN_INVALID, "token of another device", frame.ref)
+        if not await self.storage.device_active(claims.user, claims.device):
+            conn.close(CloseCode.REVOKED, "session revoked")
+            return
+        conn.expire_at(claims.expires)
+        conn.send(encode({"type": "auth_ok", "ref": frame.ref, "expires": claims.expires}))
 
     async def _watch(self, conn: Conn, frame: Frame) -> None:
         users = frame.users or []

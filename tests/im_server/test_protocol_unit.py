@@ -25,6 +25,8 @@ from im_server.protocol import ErrorCode, ProtocolError, RateLimiter, SeqTracker
         ('{"type": "sync", "positions": {"x": 1}}', ErrorCode.BAD_FRAME),
         ('{"type": "sync", "positions": [1]}', ErrorCode.BAD_FRAME),
         ('{"type": "presence", "users": ["a"]}', ErrorCode.BAD_FRAME),
+        ('{"type": "auth", "token": 5}', ErrorCode.BAD_FRAME),
+        ('{"type": "auth", "token": "%s"}' % ("t" * 4097), ErrorCode.BAD_FRAME),
     ],
 )
 def test_bad_frames(raw: str, code: str) -> None:
@@ -49,6 +51,7 @@ def test_good_frames() -> None:
     sync = parse_frame('{"type": "sync", "positions": {"3": 7}, "ref": "r"}')
     assert (sync.positions, sync.ref) == ({3: 7}, "r")
     assert parse_frame('{"type": "read", "conv": 2, "seq": 5}').seq == 5
+    assert parse_frame('{"type": "auth", "token": "a.b.c"}').token == "a.b.c"
 
 
 def test_rate_limiter_refills_and_counts_strikes() -> None:

@@ -1,5 +1,6 @@
-"""A WebSocket closes with 4001 when its access token expires; the client refreshes,
-reconnects and syncs, so nothing sent meanwhile is missed."""
+"""A WebSocket lives as long as its access token: the client renews the token over the
+open socket (an ``auth`` frame) before it expires; without that the socket closes with
+4001 and the client refreshes, reconnects and syncs. Either way nothing is missed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+import orjson
 import pytest
+from aiohttp import ClientSession
 from im_helpers import login, make_user
 
 from im_server.client import Client, ImError
@@ -25,28 +28,81 @@ def short_tokens(stack: Stack) -> Iterator[ServerProcess]:
     node.stop()
 
 
-async def test_socket_closes_at_expiry_and_client_catches_up(
-    stack: Stack, server: ServerProcess, short_tokens: ServerProcess
-) -> None:
+async def _receive_across_lifetimes(
+    stack: Stack, server: ServerProcess, short_tokens: ServerProcess, *, renew_in_place: bool
+) -> tuple[Client, list[int | None]]:
+    """Alice (short tokens) receives what bob sends for a token lifetime and more."""
     alice_name, _ = await make_user(stack, server.url)
     bob_name, bob_id = await make_user(stack, server.url)
     closes: list[int | None] = []
-    alice = await login(short_tokens.url, alice_name)
+    alice = await login(short_tokens.url, alice_name, renew_in_place=renew_in_place)
     bob = await login(server.url, bob_name)
     conv = await alice.direct(bob_id)
     first_token = alice.access_token
-    deadline = time.monotonic() + TTL_S + 3
+    deadline = time.monotonic() + 2 * TTL_S + 1
     sent = []
-    while time.monotonic() < deadline:  # bob keeps sending across alice's reconnect
+    while time.monotonic() < deadline:  # bob keeps sending across alice's token lifetimes
         sent.append((await bob.send(conv, {"n": len(sent)})).seq)
         if alice.close_code is not None and not closes:
             closes.append(alice.close_code)
         await asyncio.sleep(0.02)
     got = [(await alice.next_message(timeout=10)).seq for _ in sent]
-    assert closes == [CloseCode.TOKEN_EXPIRED]
     assert got == sent == list(range(1, len(sent) + 1))
-    assert alice.access_token != first_token  # refreshed, and the new socket works
+    assert alice.access_token != first_token  # refreshed, and the socket in use works
     await alice.ping()
+    await bob.close()
+    return alice, closes
+
+
+async def test_the_client_renews_its_token_on_the_open_socket(
+    stack: Stack, server: ServerProcess, short_tokens: ServerProcess
+) -> None:
+    alice, closes = await _receive_across_lifetimes(stack, server, short_tokens,
+                                                    renew_in_place=True)
+    assert closes == [] and alice.close_code is None  # two lifetimes, never reconnected
+    await alice.close()
+
+
+async def test_socket_closes_at_expiry_and_client_catches_up(
+    stack: Stack, server: ServerProcess, short_tokens: ServerProcess
+) -> None:
+    alice, closes = await _receive_across_lifetimes(stack, server, short_tokens,
+                                                    renew_in_place=False)
+    assert closes == [CloseCode.TOKEN_EXPIRED]
+    await alice.close()
+
+
+async def test_auth_frame_takes_only_a_valid_token_of_the_same_device(
+    stack: Stack, short_tokens: ServerProcess
+) -> None:
+    alice = await Client.login(short_tokens.url, (await make_user(stack, short_tokens.url))[0],
+                               "password123")
+    bob = await Client.login(short_tokens.url, (await make_user(stack, short_tokens.url))[0],
+                             "password123")
+    opened = time.monotonic()
+    async with ClientSession() as session:
+        ws = await session.ws_connect(short_tokens.url + "/ws",
+                                      headers={"Authorization": f"Bearer {alice.access_token}"})
+        assert orjson.loads((await ws.receive(timeout=5)).data)["type"] == "hello"
+
+        async def reply(frame: dict[str, object]) -> dict[str, object]:
+            await ws.send_bytes(orjson.dumps({**frame, "ref": "r"}))
+            answer: dict[str, object] = orjson.loads((await ws.receive(timeout=5)).data)
+            return answer
+
+        assert (await reply({"type": "auth"}))["code"] == "bad_frame"
+        assert (await reply({"type": "auth", "token": "x.y.z"}))["code"] == "token_invalid"
+        forged = alice.access_token[:-4] + ("AAAA" if alice.access_token[-4:] != "AAAA" else "BBBB")
+        assert (await reply({"type": "auth", "token": forged}))["code"] == "token_invalid"
+        other = await reply({"type": "auth", "token": bob.access_token})
+        assert (other["code"], other["message"]) == ("token_invalid", "token of another device")
+        await asyncio.sleep(1.1)  # the next token's exp (whole seconds) is later
+        await alice.refresh()
+        ok = await reply({"type": "auth", "token": alice.access_token})
+        assert ok["type"] == "auth_ok" and ok["ref"] == "r"
+        await asyncio.sleep(opened + TTL_S + 0.5 - time.monotonic())  # past the first token
+        assert (await reply({"type": "ping"}))["type"] == "pong"
+        await ws.close()
     await alice.close()
     await bob.close()
 
