@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+import jwt
 import orjson
 import pytest
 from aiohttp import ClientSession
@@ -72,6 +73,10 @@ async def test_socket_closes_at_expiry_and_client_catches_up(
     await alice.close()
 
 
+def _exp(token: str) -> int:
+    return int(jwt.decode(token, options={"verify_signature": False})["exp"])
+
+
 async def test_auth_frame_takes_only_a_valid_token_of_the_same_device(
     stack: Stack, short_tokens: ServerProcess
 ) -> None:
@@ -79,7 +84,7 @@ async def test_auth_frame_takes_only_a_valid_token_of_the_same_device(
                                "password123")
     bob = await Client.login(short_tokens.url, (await make_user(stack, short_tokens.url))[0],
                              "password123")
-    opened = time.monotonic()
+    first_exp = _exp(alice.access_token)
     async with ClientSession() as session:
         ws = await session.ws_connect(short_tokens.url + "/ws",
                                       headers={"Authorization": f"Bearer {alice.access_token}"})
@@ -96,11 +101,14 @@ async def test_auth_frame_takes_only_a_valid_token_of_the_same_device(
         assert (await reply({"type": "auth", "token": forged}))["code"] == "token_invalid"
         other = await reply({"type": "auth", "token": bob.access_token})
         assert (other["code"], other["message"]) == ("token_invalid", "token of another device")
-        await asyncio.sleep(1.1)  # the next token's exp (whole seconds) is later
+        # exp is in whole seconds: refreshing 1.5 s before the first token expires gives
+        # one that expires at least 1 s after it.
+        await asyncio.sleep(first_exp - 1.5 - time.time())
         await alice.refresh()
+        assert _exp(alice.access_token) >= first_exp + 1
         ok = await reply({"type": "auth", "token": alice.access_token})
         assert ok["type"] == "auth_ok" and ok["ref"] == "r"
-        await asyncio.sleep(opened + TTL_S + 0.5 - time.monotonic())  # past the first token
+        await asyncio.sleep(first_exp + 0.4 - time.time())  # past the first token's expiry
         assert (await reply({"type": "ping"}))["type"] == "pong"
         await ws.close()
     await alice.close()
