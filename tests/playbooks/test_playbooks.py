@@ -123,14 +123,21 @@ def test_role_templates_start_with_ansible_managed(role: Path) -> None:
         assert "ansible_managed" in first, f"{role.name}/templates/{template.name}"
 
 
-RENDER_PLAY = """
-- name: Render the firewall rules of every host
+def _local_play(name: str) -> str:
+    """Head of a play over the test inventory's hosts that runs on the controller.
+    The plays are `.format`-ed afterwards, so Jinja braces are doubled."""
+    return f"""
+- name: {name}
   hosts: imcloud
   connection: local
   gather_facts: false
   vars:
-    ansible_python_interpreter: "{{{{ ansible_playbook_python }}}}"
+    ansible_python_interpreter: "{{{{{{{{ ansible_playbook_python }}}}}}}}"
   tasks:
+"""
+
+
+RENDER_PLAY = _local_play("Render the firewall rules of every host") + """\
     - name: Load the common role's defaults
       ansible.builtin.include_vars:
         file: {defaults}
@@ -268,14 +275,9 @@ ROLE_PACKAGES = {
     "monitoring": ("monitoring", "__monitoring_packages"),
 }
 
-PACKAGES_PLAY = """
-- name: Compare each role's packages with the common role's one apt transaction
-  hosts: imcloud
-  connection: local
-  gather_facts: false
-  vars:
-    ansible_python_interpreter: "{{{{ ansible_playbook_python }}}}"
-  tasks:
+PACKAGES_PLAY = _local_play(
+    "Compare each role's packages with the common role's one apt transaction"
+) + """\
     - name: Load the roles' defaults and vars
       ansible.builtin.include_vars:
         file: "{{{{ item }}}}"
