@@ -388,12 +388,7 @@ class Send:
     error: str = ""
 
 
-# Latest versions: im_commit_batch in migration 0004, im_commit_one in 0005,
-# im_commit_few in 0007.
-_COMMIT_BATCH = "SELECT * FROM im_commit_batch($1, $2, $3, $4, $5, $6)"
-_COMMIT_FEW = "SELECT * FROM im_commit_few($1, $2, $3, $4, $5, $6)"
-_COMMIT_ONE = "SELECT * FROM im_commit_one($1, $2, $3, $4, $5, $6)"
-FEW = 8  # up to this many sends per batch: im_commit_few (less server CPU than the batch one)
+_COMMIT = "SELECT * FROM im_commit($1, $2, $3, $4, $5, $6)"  # migration 0009
 
 
 class Writer:
@@ -484,11 +479,9 @@ class Writer:
             item.seq = 0
 
     async def _transaction(self, batch: list[Send]) -> None:
-        """One statement, one round trip: see migrations/0004 and 0005.
+        """One statement, one round trip (see migrations/0009).
 
         A retry that is in the batch twice is sent once and both get the one result.
-        A lone send takes im_commit_one, up to :data:`FEW` take im_commit_few: same
-        results, less server CPU than im_commit_batch for small batches.
         """
         first: dict[tuple[int, int, str], Send] = {}
         unique: list[Send] = []
@@ -500,21 +493,15 @@ class Writer:
         now = _ms()
         if self._conn is None or self._conn.is_closed():
             self._conn = await self.storage.connect()
-        if len(unique) == 1:
-            one = unique[0]
-            rows = await self._conn.fetch(
-                _COMMIT_ONE, one.conv, one.sender, one.device, one.cid, one.body.decode(), now
-            )
-        else:
-            rows = await self._conn.fetch(
-                _COMMIT_FEW if len(unique) <= FEW else _COMMIT_BATCH,
-                [i.conv for i in unique],
-                [i.sender for i in unique],
-                [i.device for i in unique],
-                [i.cid for i in unique],
-                [i.body.decode() for i in unique],
-                [now] * len(unique),
-            )
+        rows = await self._conn.fetch(
+            _COMMIT,
+            [i.conv for i in unique],
+            [i.sender for i in unique],
+            [i.device for i in unique],
+            [i.cid for i in unique],
+            [i.body.decode() for i in unique],
+            [now] * len(unique),
+        )
         fresh = 0
         for idx, seq, ts, status, members in rows:
             item = unique[idx - 1]
