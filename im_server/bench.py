@@ -279,6 +279,7 @@ class Bench:
         routes += [(conns[b.user_id], conv) for (_, b), conv in zip(pairs, convs, strict=True)]
         total = int(args.rate * args.duration)
         start = time.monotonic() + 0.2
+        ticks = _cpu_ticks()
         loop_lag: list[float] = []
         for k in range(total):
             due = start + k / args.rate
@@ -296,6 +297,7 @@ class Bench:
             if len(acked) >= stats.sent and all(cid in stats.delivered for cid in acked):
                 break
             await asyncio.sleep(0.05)
+        steal = _steal_pct(ticks, _cpu_ticks())
         for conn in conns.values():
             await conn.close()
         await session.close()
@@ -322,6 +324,7 @@ class Bench:
             "deliver_p99_ms": round(_pct(stats.deliver_ms, 0.99), 2),
             "deliver_max_ms": round(max(stats.deliver_ms, default=float("nan")), 2),
             "scheduler_lag_p99_ms": round(_pct(loop_lag, 0.99) * 1000, 2),
+            "cpu_steal_pct": steal,
             "errors": stats.errors,
         }
 
@@ -336,6 +339,7 @@ class Bench:
         conn.start()
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        ticks = _cpu_ticks()
         for n in range(self.args.serial):
             conn.waiter = loop.create_future()
             conn.send(conv, time.monotonic(), n)
@@ -348,7 +352,8 @@ class Bench:
         return {"mode": "serial", "sent": stats.sent, "acked": len(stats.acked),
                 "serial_total_s": round(total, 3),
                 "ack_p50_ms": round(_pct(stats.ack_ms, 0.5), 3),
-                "ack_p99_ms": round(_pct(stats.ack_ms, 0.99), 3)}
+                "ack_p99_ms": round(_pct(stats.ack_ms, 0.99), 3),
+                "cpu_steal_pct": _steal_pct(ticks, _cpu_ticks())}
 
     async def idle(self, pids: list[int]) -> dict[str, Any]:
         """Open N idle authenticated sockets; server RSS growth per socket (needs --spawn)."""
@@ -395,6 +400,24 @@ def _raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _cpu_ticks() -> list[int]:
+    """The machine's CPU time counters (user ... steal) from /proc/stat; [] if unreadable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            return [int(v) for v in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def _steal_pct(before: list[int], after: list[int]) -> float | None:
+    """Percent of CPU time the hypervisor gave to other guests while the bench ran: on a
+    VM it takes cores away from the stack under test, so runs compare only at similar steal."""
+    if len(before) < 8 or len(after) < 8:
+        return None
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    return round(100 * spent[7] / max(sum(spent), 1), 1)
 
 
 async def _run(args: argparse.Namespace, stack: Stack | None) -> dict[str, Any]:
