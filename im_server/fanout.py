@@ -3,13 +3,12 @@
 Each node subscribes to its own channel ``im:fanout:<node>`` and lists itself in the
 set ``im:nodes``. A publish is one call of a Lua script (:data:`_FANOUT_LUA`) that
 sends the payload to the channel of every *other* node in that set, so a node never
-reads back its own publishes (and a node alone skips it: see below). A payload is the
+reads back its own publishes and a node alone publishes nothing. A payload is the
 origin node id on the first line, then one record per line:
 ``<user ids, comma separated>\\t<device id to skip>\\t<frame JSON>``. Control
 records have a first field starting with ``!`` (see :data:`KICK`, :data:`RESYNC`,
-:data:`PRESENCE`, :data:`JOIN`, :data:`WELCOME`). Pub/sub is only a wake-up path:
-PostgreSQL holds every message, and a node whose subscription broke tells its clients
-to re-sync once it is back.
+:data:`PRESENCE`). Pub/sub is only a wake-up path: PostgreSQL holds every message,
+and a node whose subscription broke tells its clients to re-sync once it is back.
 
 Why no live message is missed by a node that joins (or rejoins after losing Redis):
 the node subscribes to its channel *first*, then adds itself to ``im:nodes``, and
@@ -22,16 +21,6 @@ sent ``resync``, so the client's sync after connecting (or after ``resync``) rea
 it from PostgreSQL. The script drops a node from ``im:nodes`` only when nobody
 listens on its channel and its liveness key has expired; such a node re-adds itself
 (and re-syncs its clients) when its subscription comes back.
-
-A node that is alone skips the script call altogether (one Redis round trip per
-commit saved on a single-host cloud). Every (re)listing node publishes a :data:`JOIN`
-record, and a node counts as alone once that or a later publish reached no
-subscriber. A node that gets a ``JOIN`` stops skipping and only then answers
-:data:`WELCOME` on the joiner's channel, and the joiner accepts sockets (or
-tells its clients to re-sync) only after every node that got its ``JOIN`` welcomed
-it. So a message skipped by a node that was alone was committed before the joiner
-let any client sync. A welcome that comes after :data:`WELCOME_WAIT_S` makes the
-joiner's clients re-sync instead.
 """
 
 from __future__ import annotations
@@ -46,10 +35,7 @@ from redis.exceptions import RedisError
 
 from .metrics import Metrics
 
-__all__ = [
-    "JOIN", "KICK", "PRESENCE", "RESYNC", "WELCOME", "Fanout", "Record", "decode_payload",
-    "encode_payload",
-]
+__all__ = ["KICK", "PRESENCE", "RESYNC", "Fanout", "Record", "decode_payload", "encode_payload"]
 
 log = logging.getLogger("im_server.fanout")
 
@@ -58,9 +44,6 @@ NODES = "im:nodes"
 KICK = "!kick"  # fields: user id, device id (0 = every device of the user)
 RESYNC = "!resync"  # every node tells its clients to sync
 PRESENCE = "!presence"  # fields: user id, 1 online / 0 offline
-JOIN = "!join"  # fields: the node that just listed itself, its listing round
-WELCOME = "!welcome"  # to a joiner's channel only; fields: the welcoming node, the round
-WELCOME_WAIT_S = 2.0  # longest a joining node waits for the others' welcomes
 
 Record = tuple[str, str, bytes]  # (users or control word, second field, frame)
 
@@ -137,10 +120,6 @@ class Fanout:
         self._fanout = self.redis.register_script(_FANOUT_LUA)
         self._registered = asyncio.Event()
         self._resync_on_subscribe = False
-        self.alone = False  # True: publish() drops records (see the module docstring)
-        self._joins = 0  # JOIN records seen: a publish result older than one is stale
-        self._welcomes_due = 0
-        self._round = 0  # this node's listings: a welcome counts only for the latest one
 
     async def start(self, *, wait_s: float = 5.0) -> None:
         """Start the tasks and wait (bounded) until this node is subscribed and listed.
@@ -179,8 +158,6 @@ class Fanout:
 
     def publish(self, records: Sequence[Record]) -> None:
         """Queue records for the other nodes; never blocks the caller."""
-        if self.alone:
-            return
         self._outbox.extend(records)
         self._wake.set()
 
@@ -194,10 +171,9 @@ class Fanout:
             while self._outbox:
                 chunk, self._outbox = self._outbox[:1000], self._outbox[1000:]
                 started = time.perf_counter()
-                joins = self._joins
                 try:
                     payload = encode_payload(self.node, chunk)
-                    receivers = await self._fanout(keys=[NODES], args=[self.node, payload])
+                    await self._fanout(keys=[NODES], args=[self.node, payload])
                 except (RedisError, OSError, TimeoutError) as exc:
                     # Subscribers lost these records: once Redis answers again every
                     # node is told to re-sync its clients from PostgreSQL.
@@ -208,38 +184,17 @@ class Fanout:
                     self._outbox.clear()
                     break
                 self.metrics.redis.labels("publish").observe(time.perf_counter() - started)
-                if receivers == 0 and joins == self._joins:
-                    self.alone = True
                 if self._publish_failed:
                     self._publish_failed = False
                     self.publish([(RESYNC, "", b"{}")])
                     self.on_resubscribed()
 
-    async def _register(self) -> int:
-        """List this node (after subscribing: see the module docstring) and announce it;
-        returns how many nodes got the announcement, i.e. how many welcomes are due."""
-        joins = self._joins
+    async def _register(self) -> None:
+        """List this node in the node set (after subscribing: see the module docstring)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(f"im:node:{self.node}", "1", ex=self.ttl)
         pipe.sadd(NODES, self.node)
         await pipe.execute()
-        self._round += 1
-        payload = encode_payload(self.node, [(JOIN, self.node, b"%d" % self._round)])
-        receivers = int(await self._fanout(keys=[NODES], args=[self.node, payload]))
-        if receivers == 0 and joins == self._joins:
-            self.alone = True
-        return receivers
-
-    async def _on_join(self, node: str, listing: bytes) -> None:
-        """Another node listed itself: stop skipping publishes, then welcome it."""
-        self._joins += 1
-        self.alone = False
-        payload = encode_payload(self.node, [(WELCOME, self.node, listing)])
-        try:
-            await self.redis.publish(CHANNEL_PREFIX + node, payload)
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("welcome to node %s failed: %s", node, exc)
-            self._publish_failed = True  # the next publish tells every node to re-sync
 
     async def _subscriber(self) -> None:
         delay = 0.1
@@ -247,34 +202,20 @@ class Fanout:
             pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CHANNEL_PREFIX + self.node)
-                self._welcomes_due = await self._register()
+                await self._register()
+                self.subscribed = True
+                self.metrics.redis_up.set(1)
                 delay = 0.1
-                ready = self._welcomes_due == 0
-                if ready:
-                    self._ready()
-                wait_until = time.monotonic() + WELCOME_WAIT_S
+                if self._resync_on_subscribe:
+                    log.warning("redis subscription restored: clients re-sync")
+                    self.on_resubscribed()
+                self._resync_on_subscribe = True
+                self._registered.set()
                 while True:
-                    timeout = None if ready else max(0.0, wait_until - time.monotonic())
-                    msg = await pubsub.get_message(timeout=timeout)
-                    if msg is not None and msg.get("type") == "message":
-                        records = decode_payload(msg["data"])[1]
-                        kind, field, data = records[0]
-                        if kind == JOIN:
-                            await self._on_join(field, data)
-                        elif kind == WELCOME:
-                            # (a welcome for an earlier listing of this node does not count)
-                            if data == b"%d" % self._round:
-                                self._welcomes_due -= 1
-                                if ready:  # late: the clients may have synced before it
-                                    self.on_resubscribed()
-                        else:
-                            self.on_records(records)
-                    if not ready and (self._welcomes_due <= 0 or time.monotonic() >= wait_until):
-                        if self._welcomes_due > 0:
-                            log.warning("%d node(s) did not welcome this one within %.0fs",
-                                        self._welcomes_due, WELCOME_WAIT_S)
-                        ready = True
-                        self._ready()
+                    msg = await pubsub.get_message(timeout=None)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    self.on_records(decode_payload(msg["data"])[1])
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError) as exc:
@@ -290,16 +231,6 @@ class Fanout:
                     pass
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
-
-    def _ready(self) -> None:
-        """Subscribed, listed and welcomed: sockets may come (or re-sync, after a loss)."""
-        self.subscribed = True
-        self.metrics.redis_up.set(1)
-        if self._resync_on_subscribe:
-            log.warning("redis subscription restored: clients re-sync")
-            self.on_resubscribed()
-        self._resync_on_subscribe = True
-        self._registered.set()
 
     # -- presence ---------------------------------------------------------------------------
 
