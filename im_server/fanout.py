@@ -215,7 +215,11 @@ class Fanout:
                     msg = await pubsub.get_message(timeout=None)
                     if msg is None or msg.get("type") != "message":
                         continue
-                    self.on_records(decode_payload(msg["data"])[1])
+                    try:
+                        self.on_records(decode_payload(msg["data"])[1])
+                    except Exception:  # one bad payload must not end this node's fan-out
+                        log.exception("fan-out payload dropped")
+                        self.metrics.errors.labels("fanout_payload").inc()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError) as exc:

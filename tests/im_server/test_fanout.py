@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import urllib.request
 from typing import Any
 
 import aiohttp
@@ -59,6 +60,30 @@ async def test_publish_goes_only_to_other_nodes(fresh_stack: Stack) -> None:
         assert [ch for ch, _ in got] == ["im:fanout:node2"]
         assert got[0][1].startswith(b"node1\n")
     finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_bad_payload_does_not_stop_fan_out(fresh_stack: Stack) -> None:
+    node1 = fresh_stack.add_server()
+    node2 = await asyncio.to_thread(fresh_stack.add_server)
+    a_name, _ = await make_user(fresh_stack, node1.url)
+    b_name, b_id = await make_user(fresh_stack, node1.url)
+    a = await login(node1.url, a_name)
+    b = await login(node2.url, b_name)
+    r = aioredis.from_url(fresh_stack.redis_url)
+    try:
+        conv = await a.direct(b_id)
+        # no tab-separated fields, and a user list that is not numbers
+        for junk in (b"node9\nno fields here", b"node9\nx,y\t0\t{}"):
+            assert await r.publish("im:fanout:node2", junk) == 1
+        await a.send(conv, "still live")
+        assert (await asyncio.wait_for(b.next_message(), 5)).body == "still live"
+        metrics = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(node2.url + "/metrics", timeout=5).read().decode())
+        assert 'im_errors_total{kind="fanout_payload"} 2.0' in metrics
+    finally:
+        await r.aclose()
         await a.close()
         await b.close()
 
