@@ -14,7 +14,7 @@
 --
 -- A send that is a retry or from a non-member gives its sequence number back, so the
 -- sequence stays gapless. The old functions are dropped: nothing is released yet, and
--- the rule from here on (docs/architecture.md) is that a migration keeps whatever the
+-- the rule from here on (docs/protocol.md) is that a migration keeps whatever the
 -- previous release's nodes still call, so a rolling upgrade can run old and new nodes
 -- side by side.
 CREATE FUNCTION im_commit(
