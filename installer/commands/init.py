@@ -21,7 +21,12 @@ def init(
         Path | None, typer.Option("--config", help="Take a written imcloud.yml instead of options.")
     ] = None,
     domain: Annotated[str | None, typer.Option(help="Public DNS name of the cloud.")] = None,
-    profile: Annotated[str, typer.Option(help="single (one host) or cluster.")] = "single",
+    profile: Annotated[
+        str, typer.Option(help="single (one host), cluster, or ha (survives losing a host).")
+    ] = "single",
+    floating_address: Annotated[
+        str | None, typer.Option(help="Profile ha: the address keepalived keeps on a live lb.")
+    ] = None,
     host: Annotated[
         list[str] | None,
         typer.Option("--host", help="NAME=ADDRESS[,ROLE...]; roles: lb app db cache monitoring."),
@@ -60,6 +65,7 @@ def init(
             "domain": domain,
             "profile": profile,
             "tls": cfg.tls_from_options(tls_mode, acme_directory_url, acme_email, acme_ca_bundle),
+            **({"ha": {"floating_address": floating_address}} if floating_address else {}),
             "ssh": {"user": ssh_user, **({"private_key_file": str(ssh_key)} if ssh_key else {})},
             "hosts": [cfg.parse_host_option(spec) for spec in host or []],
             "alerts": {

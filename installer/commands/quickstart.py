@@ -13,6 +13,7 @@ from installer.core import config as cfg
 from installer.core.cloud import DEFAULT_CLOUD_DIR, init_cloud
 from installer.core.lab import Lab
 from installer.core.quickstart import lab_cloud_config
+from installer.errors import ImcloudError
 
 
 @operator_errors
@@ -20,6 +21,10 @@ def quickstart(
     nodes: Annotated[
         int, typer.Option("--nodes", "-N", help="Lab hosts: 1 = single, 3+ = cluster.")
     ] = 3,
+    profile: Annotated[
+        str | None,
+        typer.Option(help="ha: every host app+db+cache, two lbs (3+ nodes); default by size."),
+    ] = None,
     lab_name: Annotated[str, typer.Option("--lab", help="Lab name.")] = "quickstart",
     cloud: CloudDir = DEFAULT_CLOUD_DIR,
 ) -> None:
@@ -28,7 +33,11 @@ def quickstart(
     lab.up(nodes=nodes, name=lab_name)
     hosts = Lab(lab_name).hosts()
     err_console.rule("2/5 cloud directory")
-    config = cfg.parse_config(lab_cloud_config(hosts), source="quickstart")
+    try:
+        data = lab_cloud_config(hosts, profile=profile)
+    except ValueError as exc:
+        raise ImcloudError(f"--profile {profile}: {exc}") from None
+    config = cfg.parse_config(data, source="quickstart")
     loaded, created = init_cloud(cloud, config)
     console.print(f"cloud directory {loaded.dir} ({', '.join(created) or 'up to date'})")
     err_console.rule("3/5 preflight")

@@ -6,6 +6,7 @@ Layout (docs/architecture.md): ``imcloud.yml``, ``inventory.yml`` (generated),
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,11 @@ class Host:
         if self.private_key_file is not None:
             args += ["-i", str(self.private_key_file), "-o", "IdentitiesOnly=yes"]
         return [*args, f"{self.user}@{self.address}"]
+
+
+def vrrp_router_id(domain: str) -> int:
+    """VRRP virtual router id 1-255, stable per cloud, so two clouds on one network differ."""
+    return int(hashlib.sha256(domain.encode()).hexdigest(), 16) % 255 + 1
 
 
 class Cloud:
@@ -145,7 +151,8 @@ class Cloud:
 
     @property
     def lb_address(self) -> str:
-        return self.hosts_in("lb")[0].address
+        """Where clients reach nginx: the floating address (ha), else the lb host."""
+        return self.config.ha.floating_address or self.hosts_in("lb")[0].address
 
     def secrets(self) -> dict[str, str]:
         return sec.read_secrets(self.secrets_path, self.vault_password_path)
@@ -173,6 +180,10 @@ class Cloud:
             "imcloud_ca_dir": str(self.ca_dir),
             "imcloud_alert_receivers": conf.alerts.receivers,
         }
+        if conf.profile == "ha":
+            global_vars["imcloud_floating_address"] = conf.ha.floating_address
+            global_vars["imcloud_vrrp_interface"] = conf.ha.interface
+            global_vars["imcloud_vrrp_router_id"] = vrrp_router_id(conf.domain)
         if conf.ssh.private_key_file is not None:
             global_vars["ansible_ssh_private_key_file"] = str(conf.ssh.private_key_file)
         if conf.tls.mode == "acme":

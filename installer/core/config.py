@@ -157,14 +157,35 @@ class HostConfig(_Model):
         return self.internal_address or self.address
 
 
+class HaConfig(_Model):
+    """Settings of the ``ha`` profile."""
+
+    # The address clients reach: keepalived (VRRP) keeps it on one healthy lb host.
+    # It must be free and in the subnet of the lb hosts' internal addresses.
+    floating_address: str | None = None
+    # Network interface of the lb hosts that carries the floating address.
+    interface: str = "eth0"
+
+    @field_validator("floating_address")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+
+
 class AlertsConfig(_Model):
     receivers: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class CloudConfig(_Model):
     domain: Annotated[str, Field(min_length=1, max_length=253)]
-    profile: Literal["single", "cluster"] = "single"
+    profile: Literal["single", "cluster", "ha"] = "single"
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    ha: HaConfig = Field(default_factory=HaConfig)
     ssh: SshConfig = Field(default_factory=SshConfig)
     hosts: list[HostConfig] = Field(min_length=1)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
@@ -184,6 +205,8 @@ class CloudConfig(_Model):
             dupes = sorted({v for v in values if values.count(v) > 1})
             if dupes:
                 raise ValueError(f"hosts: {label} used twice: {', '.join(dupes)}")
+        if self.profile != "ha" and self.ha != HaConfig():
+            raise ValueError(f"ha: settings of profile ha, but profile is {self.profile}")
         if self.profile == "single":
             if len(self.hosts) != 1:
                 raise ValueError(
@@ -191,10 +214,13 @@ class CloudConfig(_Model):
                     "use profile: cluster"
                 )
             return self
-        counts = {role: sum(role in h.roles for h in self.hosts) for role in ALL_ROLES}
         for host in self.hosts:
             if not host.roles:
-                raise ValueError(f"hosts: {host.name} has no roles (cluster profile)")
+                raise ValueError(f"hosts: {host.name} has no roles (profile {self.profile})")
+        if self.profile == "ha":
+            self._check_ha()
+            return self
+        counts = role_counts(self)
         wanted: dict[Role, tuple[int, int | None]] = {
             "lb": (1, 1),
             "app": (2, None),
@@ -211,9 +237,59 @@ class CloudConfig(_Model):
                 raise ValueError(f"profile cluster needs {want} host(s) with role {role}, got {n}")
         return self
 
+    def _check_ha(self) -> None:
+        problems = survival_problems(self)
+        if problems:
+            raise ValueError(f"profile ha must survive the loss of any one host: {problems[0]}")
+        if role_counts(self)["monitoring"] > 1:
+            raise ValueError("profile ha takes at most one host with role monitoring")
+        floating = self.ha.floating_address
+        if floating is None:
+            raise ValueError("profile ha needs ha.floating_address (kept on a healthy lb host)")
+        if floating in {h.address for h in self.hosts} | {h.internal for h in self.hosts}:
+            raise ValueError(f"ha.floating_address {floating} is a host's address; pick a free one")
+
     def roles_of(self, host: HostConfig) -> list[Role]:
-        """A single host carries every role; cluster hosts carry what they list."""
+        """A single host carries every role; cluster and ha hosts carry what they list."""
         return list(ALL_ROLES) if self.profile == "single" else list(host.roles)
+
+
+#: How many hosts of a role a cloud needs to keep serving after losing any one host.
+#: db and cache need three: etcd and the Sentinels elect by majority.
+SURVIVAL_MINIMUM: dict[Role, int] = {"lb": 2, "app": 2, "db": 3, "cache": 3}
+_SURVIVAL_WHY: dict[Role, str] = {
+    "lb": "the other load balancer takes over the floating address",
+    "app": "the load balancer sends clients to the other app nodes",
+    "db": "etcd keeps a majority and Patroni promotes a synchronous replica",
+    "cache": "the Sentinels keep a majority and promote a replica",
+}
+
+
+def role_counts(config: CloudConfig) -> dict[Role, int]:
+    return {role: sum(role in config.roles_of(h) for h in config.hosts) for role in ALL_ROLES}
+
+
+def survival_problems(config: CloudConfig, roles: tuple[Role, ...] = tuple(SURVIVAL_MINIMUM)) -> list[str]:
+    """Why losing one host (of those carrying ``roles``) would stop the cloud; [] if it would not.
+
+    Only the ``ha`` profile has replicated databases and caches: ``single`` and
+    ``cluster`` clouds lose their one PostgreSQL and Redis with their host.
+    """
+    counts = role_counts(config)
+    problems = []
+    for role in roles:
+        need, have = SURVIVAL_MINIMUM[role], counts[role]
+        if config.profile != "ha" and role in ("db", "cache"):
+            problems.append(
+                f"profile {config.profile} has one unreplicated {role} host: "
+                "losing it stops the cloud (use profile ha)"
+            )
+        elif have < need:
+            problems.append(
+                f"{have} host(s) with role {role}, {need} needed so that, when one is lost, "
+                f"{_SURVIVAL_WHY[role]}"
+            )
+    return problems
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

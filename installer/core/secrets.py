@@ -26,6 +26,14 @@ SECRET_NAMES: tuple[str, ...] = (
     "imcloud_admin_token",
     "imcloud_token_secret",
     "imcloud_monitoring_password",
+    # profile ha: Patroni's PostgreSQL superuser and replication roles, its REST
+    # API, Redis replication, the Sentinels, keepalived's VRRP authentication.
+    "imcloud_postgres_superuser_password",
+    "imcloud_postgres_replication_password",
+    "imcloud_patroni_api_password",
+    "imcloud_redis_replication_password",
+    "imcloud_redis_sentinel_password",
+    "imcloud_vrrp_password",
 )
 
 CA_VALIDITY = dt.timedelta(days=3650)
