@@ -31,7 +31,9 @@ TASK_KEYWORDS = (
 )  # fmt: skip
 
 
-def _inventory(tmp_path: Path, layout: dict[str, tuple[list[str], str]]) -> Path:
+def _inventory(
+    tmp_path: Path, layout: dict[str, tuple[list[str], str]], profile: str = "cluster"
+) -> Path:
     """An inventory shaped like the one `imcloud init` writes (installer/core/cloud.py)."""
     groups: dict[str, Any] = {g: {"hosts": {}} for g in GROUPS}
     hosts = {}
@@ -41,7 +43,11 @@ def _inventory(tmp_path: Path, layout: dict[str, tuple[list[str], str]]) -> Path
             groups[role]["hosts"][name] = None
     inventory = {
         "all": {
-            "vars": {"imcloud_domain": "chat.example.test", "imcloud_tls_mode": "internal"},
+            "vars": {
+                "imcloud_domain": "chat.example.test",
+                "imcloud_tls_mode": "internal",
+                "imcloud_profile": profile,
+            },
             "children": {"imcloud": {"hosts": hosts, "children": groups}},
         }
     }
@@ -56,6 +62,11 @@ CLUSTER = {
     "app1": (["app"], "10.0.0.11"),
     "app2": (["app"], "10.0.0.12"),
     "data1": (["db", "cache", "monitoring"], "10.0.0.13"),
+}
+HA = {
+    "n1": (["lb", "app", "db", "cache"], "10.0.0.21"),
+    "n2": (["lb", "app", "db", "cache"], "10.0.0.22"),
+    "n3": (["app", "db", "cache", "monitoring"], "10.0.0.23"),
 }
 
 
@@ -138,9 +149,10 @@ def _local_play(name: str) -> str:
 
 
 RENDER_PLAY = _local_play("Render the firewall rules of every host") + """\
-    - name: Load the common role's defaults
+    - name: Load the common role's defaults and vars
       ansible.builtin.include_vars:
-        file: {defaults}
+        file: "{{{{ item }}}}"
+      loop: ["{defaults}", "{vars}"]
     - name: Render nftables.conf
       ansible.builtin.template:
         src: {template}
@@ -150,7 +162,9 @@ RENDER_PLAY = _local_play("Render the firewall rules of every host") + """\
 """
 
 
-def _render_firewall(tmp_path: Path, layout: dict[str, tuple[list[str], str]]) -> dict[str, str]:
+def _render_firewall(
+    tmp_path: Path, layout: dict[str, tuple[list[str], str]], profile: str = "cluster"
+) -> dict[str, str]:
     role = PLAYBOOKS / "roles" / "common"
     out = tmp_path / "rendered"
     out.mkdir()
@@ -158,11 +172,13 @@ def _render_firewall(tmp_path: Path, layout: dict[str, tuple[list[str], str]]) -
     play.write_text(
         RENDER_PLAY.format(
             defaults=role / "defaults" / "main.yml",
+            vars=role / "vars" / "main.yml",
             template=role / "templates" / "nftables.conf.j2",
             out=out,
         )
     )
-    proc = _run([ANSIBLE_PLAYBOOK, "-i", str(_inventory(tmp_path, layout)), str(play)])
+    inventory = _inventory(tmp_path, layout, profile)
+    proc = _run([ANSIBLE_PLAYBOOK, "-i", str(inventory), str(play)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return {p.stem: p.read_text() for p in out.glob("*.nft")}
 
@@ -202,6 +218,27 @@ def test_firewall_for_a_cluster_allows_each_port_only_from_its_groups(tmp_path: 
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("nft") is None, reason="nft -c needs root and nftables"
 )
+
+def test_firewall_opens_the_ha_ports_only_on_profile_ha(tmp_path: Path) -> None:
+    (tmp_path / "ha").mkdir()
+    ha = _render_firewall(tmp_path / "ha", HA, profile="ha")
+    everyone = ["10.0.0.21", "10.0.0.22", "10.0.0.23"]
+    expected = {
+        2379: everyone,  # etcd clients: db
+        2380: everyone,
+        2381: ["10.0.0.23"],  # etcd metrics: monitoring
+        8008: everyone,  # Patroni REST API: db, monitoring
+        26379: everyone,  # Sentinels: app, cache, monitoring
+    }
+    for rules in ha.values():
+        for port, sources in expected.items():
+            assert _rule(port, sources) in rules, port
+        assert "ip saddr { 10.0.0.21, 10.0.0.22 } meta l4proto 112 accept" in rules
+    (tmp_path / "cluster").mkdir()
+    cluster = _render_firewall(tmp_path / "cluster", CLUSTER)
+    for rules in cluster.values():
+        assert "l4proto 112" not in rules and "dport 2379" not in rules and "dport 26379" not in rules
+
 def test_rendered_firewall_is_accepted_by_nft(tmp_path: Path) -> None:
     for name, rules in _render_firewall(tmp_path, CLUSTER).items():
         path = tmp_path / f"{name}.check.nft"
