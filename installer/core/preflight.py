@@ -51,6 +51,8 @@ MINIMUMS: dict[str, dict[str, Minimum]] = {
         "monitoring": Minimum(cores=1, ram_gib=2, disk_gib=10),
     },
 }
+# ha: the same hosts as a cluster; etcd and Sentinel are small beside PostgreSQL and Redis.
+MINIMUMS["ha"] = MINIMUMS["cluster"]
 
 #: TCP ports each role listens on (docs/architecture.md, "Ports"); node exporter on every host;
 #: mtail (nginx status codes for Prometheus, exporters role) on the load balancer.
@@ -62,6 +64,12 @@ ROLE_PORTS: dict[str, tuple[int, ...]] = {
     "cache": (6379, 9121),
     "monitoring": (9090, 9093, 9115),
 }
+#: What profile ha adds (docs/ha.md, "Ports"): etcd client, peer, metrics and Patroni's
+#: REST API on db hosts; Sentinel and its exporter on cache hosts.
+HA_ROLE_PORTS: dict[str, tuple[int, ...]] = {
+    "db": (2379, 2380, 2381, 8008),
+    "cache": (26379, 9122),
+}
 
 #: Process names (as ss(8) shows them, truncated to 15 characters) of the services
 #: imcloud runs on each port.
@@ -72,7 +80,10 @@ OWN_PROCESS_PREFIXES: dict[int, tuple[str, ...]] = {
     5432: ("postgres",),
     6379: ("redis-server",),
     3903: ("mtail",),
-    **dict.fromkeys((9090, 9093, 9100, 9113, 9115, 9121, 9187), ("prometheus",)),
+    **dict.fromkeys((9090, 9093, 9100, 9113, 9115, 9121, 9122, 9187), ("prometheus",)),
+    **dict.fromkeys((2379, 2380, 2381), ("etcd",)),
+    8008: ("patroni",),
+    26379: ("redis-sentinel", "redis-server"),
 }
 
 #: Read-only probe run with `sh -s` on each host; each section starts with "@@name".
@@ -235,10 +246,12 @@ def _size(m: Minimum) -> tuple[float, float, float]:
     return (m.cores, m.ram_gib, m.disk_gib)
 
 
-def ports_for(roles: Iterable[str]) -> list[int]:
+def ports_for(roles: Iterable[str], profile: str = "single") -> list[int]:
     ports = set(ROLE_PORTS["*"])
     for role in roles:
         ports.update(ROLE_PORTS.get(role, ()))
+        if profile == "ha":
+            ports.update(HA_ROLE_PORTS.get(role, ()))
     return sorted(ports)
 
 
@@ -391,7 +404,7 @@ def evaluate(
         )
 
     installed = bool(sections.get("markers"))
-    wanted = ports_for(host.roles)
+    wanted = ports_for(host.roles, profile)
     report.facts.update(imcloud_installed=installed, ports_needed=wanted)
     add(_ports_finding(wanted, sections.get("ss", ""), installed))
 

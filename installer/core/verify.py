@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from installer.core.cloud import Cloud, Host
-from installer.core.preflight import ROLE_PORTS, ports_for
+from installer.core.preflight import HA_ROLE_PORTS, ROLE_PORTS, ports_for
 from installer.errors import ImcloudError
 
 TESTS_DIR = Path(__file__).resolve().parent.parent / "verify_tests"
@@ -45,6 +45,12 @@ SERVICES: dict[str, tuple[str, ...]] = {
     "db": ("postgresql", "postgresql@15-main"),
     "cache": ("redis-server",),
 }
+#: Profile ha's units where they differ (docs/ha.md): Patroni runs PostgreSQL.
+HA_SERVICES: dict[str, tuple[str, ...]] = {
+    "lb": ("nginx", "keepalived"),
+    "db": ("etcd", "patroni"),
+    "cache": ("redis-server", "redis-sentinel"),
+}
 #: Installed only when the cloud has a monitoring host (exporters feed it).
 MONITORING_SERVICES: dict[str, tuple[str, ...]] = {
     "*": ("prometheus-node-exporter",),
@@ -55,9 +61,14 @@ MONITORING_SERVICES: dict[str, tuple[str, ...]] = {
 }
 #: Every internal port of the design; none may answer a client outside the cluster.
 INTERNAL_PORTS: tuple[int, ...] = tuple(
-    sorted({p for ports in ROLE_PORTS.values() for p in ports} - {22, 80, 443})
+    sorted(
+        {p for table in (ROLE_PORTS, HA_ROLE_PORTS) for ports in table.values() for p in ports}
+        - {22, 80, 443}
+    )
 )
-EXPORTER_PORTS: frozenset[int] = frozenset({9100, 9187, 9121, 9113, 3903, 9115, 9090, 9093})
+EXPORTER_PORTS: frozenset[int] = frozenset(
+    {9100, 9187, 9121, 9122, 9113, 3903, 9115, 9090, 9093}
+)
 #: Private keys and files holding secrets may not be readable by "other"; keys not
 #: writable by the group either.
 KEY_FORBIDDEN_BITS = 0o027
@@ -77,7 +88,8 @@ def has_monitoring(cloud: Cloud) -> bool:
 
 
 def expected_services(cloud: Cloud, host: Host) -> list[str]:
-    names = _per_role(SERVICES, host.roles)
+    services = {**SERVICES, **HA_SERVICES} if cloud.config.profile == "ha" else SERVICES
+    names = _per_role(services, host.roles)
     if has_monitoring(cloud):
         names += [n for n in _per_role(MONITORING_SERVICES, host.roles) if n not in names]
     return names
@@ -90,7 +102,7 @@ def public_ports(host: Host) -> set[int]:
 
 def internal_ports(cloud: Cloud, host: Host) -> set[int]:
     """Ports this host listens on for cluster members only, on its internal address."""
-    ports = set(ports_for(host.roles)) - public_ports(host)
+    ports = set(ports_for(host.roles, cloud.config.profile)) - public_ports(host)
     if not has_monitoring(cloud):
         ports -= EXPORTER_PORTS
     return ports
