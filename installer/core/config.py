@@ -269,7 +269,9 @@ def role_counts(config: CloudConfig) -> dict[Role, int]:
     return {role: sum(role in config.roles_of(h) for h in config.hosts) for role in ALL_ROLES}
 
 
-def survival_problems(config: CloudConfig, roles: tuple[Role, ...] = tuple(SURVIVAL_MINIMUM)) -> list[str]:
+def survival_problems(
+    config: CloudConfig, roles: tuple[Role, ...] = tuple(SURVIVAL_MINIMUM)
+) -> list[str]:
     """Why losing one host (of those carrying ``roles``) would stop the cloud; [] if it would not.
 
     Only the ``ha`` profile has replicated databases and caches: ``single`` and
