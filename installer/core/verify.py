@@ -128,21 +128,23 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
 
 @contextlib.contextmanager
-def _reaching(cloud: Cloud, timeout: float = 15) -> Iterator[_PinnedHTTPSConnection]:
-    """An HTTPS connection to the cloud's load balancer; failures become one clear error."""
-    conn = _PinnedHTTPSConnection(
-        cloud.config.domain, cloud.lb_address, cloud_tls_context(cloud), timeout
-    )
+def _reaching(
+    cloud: Cloud, timeout: float = 15, address: str | None = None
+) -> Iterator[_PinnedHTTPSConnection]:
+    """An HTTPS connection to the cloud's load balancer (or the lb host at ``address``);
+    failures become one clear error."""
+    address = address or cloud.lb_address
+    conn = _PinnedHTTPSConnection(cloud.config.domain, address, cloud_tls_context(cloud), timeout)
     try:
         yield conn
     except ssl.SSLCertVerificationError as exc:
         raise ImcloudError(
-            f"{cloud.public_url} at {cloud.lb_address}: TLS certificate not trusted "
+            f"{cloud.public_url} at {address}: TLS certificate not trusted "
             f"({exc.verify_message}); trusted: {cloud.tls_trust_anchor or 'the system CAs'}"
         ) from None
     except OSError as exc:
         raise ImcloudError(
-            f"cannot reach {cloud.public_url} at {cloud.lb_address}:443 ({exc}); "
+            f"cannot reach {cloud.public_url} at {address}:443 ({exc}); "
             "is the cloud installed (`imcloud install`)?"
         ) from None
     finally:
@@ -169,8 +171,10 @@ def https_request(
     bearer: str | None = None,
     basic: tuple[str, str] | None = None,
     timeout: float = 15,
+    address: str | None = None,
 ) -> tuple[int, Any]:
-    """One JSON request to the cloud through its load balancer; returns (status, decoded body)."""
+    """One JSON request to the cloud through its load balancer (default: the public address,
+    else the lb host at ``address``); returns (status, decoded body)."""
     headers = {"Accept": "application/json"}
     if bearer is not None:
         headers["Authorization"] = f"Bearer {bearer}"
@@ -181,7 +185,7 @@ def https_request(
     if body is not None:
         payload = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    with _reaching(cloud, timeout) as conn:
+    with _reaching(cloud, timeout, address) as conn:
         conn.request(method, path, body=payload, headers=headers)
         response = conn.getresponse()
         raw = response.read()
