@@ -243,6 +243,12 @@ class CloudConfig(_Model):
             raise ValueError(f"profile ha must survive the loss of any one host: {problems[0]}")
         if role_counts(self)["monitoring"] > 1:
             raise ValueError("profile ha takes at most one host with role monitoring")
+        if self.tls.mode == "acme":
+            # HTTP-01 reaches only the lb holding the floating address; the other's
+            # certbot would fail. Until the lbs share one certificate: internal or provided.
+            raise ValueError(
+                "profile ha does not support tls.mode acme yet: use internal or provided"
+            )
         floating = self.ha.floating_address
         if floating is None:
             raise ValueError("profile ha needs ha.floating_address (kept on a healthy lb host)")

@@ -65,6 +65,18 @@ def test_three_hosts_sharing_every_role_survive_one_loss(tmp_path: Path) -> None
         (_with({"ha": {}}), "needs ha.floating_address"),
         (_with({"ha": {"floating_address": "192.0.2.21"}}), "is a host's address"),
         (_with({"ha": {"floating_address": "not-an-ip"}}), "is not an IP address"),
+        (
+            _with(
+                {
+                    "tls": {
+                        "mode": "acme",
+                        "acme_directory_url": "https://acme.example.com/dir",
+                        "acme_email": "ops@example.com",
+                    }
+                }
+            ),
+            "does not support tls.mode acme",
+        ),
     ],
 )
 def test_layouts_that_cannot_survive_a_host_are_refused_with_the_reason(
