@@ -21,6 +21,27 @@ sent ``resync``, so the client's sync after connecting (or after ``resync``) rea
 it from PostgreSQL. The script drops a node from ``im:nodes`` only when nobody
 listens on its channel and its liveness key has expired; such a node re-adds itself
 (and re-syncs its clients) when its subscription comes back.
+
+A subscription can also break without an error: the server holding it frozen, a
+network path that silently drops, or (with Sentinel) a master that was replaced
+while this node still talks to the old one. So each node probes its own channel:
+every third of ``IM_REDIS_HEALTH_TIMEOUT_S`` it asks the Sentinels for the master
+(dropping idle connections to a replaced one) and publishes a :data:`PROBE` record
+on its own channel through the connections every publish takes. A node that gets
+no probe back that was sent within the timeout treats its subscription as lost:
+it subscribes again, on the master the Sentinels name now, re-adds itself to
+``im:nodes`` (asynchronous replication may have lost that write on the new
+master) and tells its clients to re-sync, as after any loss.
+
+Why a master change leaves no silent gap: a node's subscription and publishes
+that failed are covered as above. What is left is a publish that *worked*, but
+on a master the other nodes had already left (the old master still alive and
+cut off from the Sentinels, or not yet noticed as dead). A node whose new
+subscription is on another address than its last one therefore publishes a
+:data:`RESYNC` to every node on the new master once it is listed there. Every
+message it published on the old master was committed before that, so each node
+either gets the ``RESYNC`` (it is listed on the new master) or lists itself later
+and re-syncs its own clients then. Each step is bounded by the probe timeout.
 """
 
 from __future__ import annotations
@@ -29,13 +50,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from .metrics import Metrics
+from .settings import Settings, sentinel_addresses
 
-__all__ = ["KICK", "PRESENCE", "RESYNC", "Fanout", "Record", "decode_payload", "encode_payload"]
+__all__ = [
+    "KICK", "PRESENCE", "PROBE", "RESYNC", "Fanout", "Record", "decode_payload",
+    "encode_payload", "redis_client",
+]
 
 log = logging.getLogger("im_server.fanout")
 
@@ -44,6 +75,7 @@ NODES = "im:nodes"
 KICK = "!kick"  # fields: user id, device id (0 = every device of the user)
 RESYNC = "!resync"  # every node tells its clients to sync
 PRESENCE = "!presence"  # fields: user id, 1 online / 0 offline
+PROBE = "!probe"  # field: the sender's monotonic clock; only ever on the sender's own channel
 
 Record = tuple[str, str, bytes]  # (users or control word, second field, frame)
 
@@ -61,6 +93,42 @@ for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return sent
 """
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    """The node's one Redis client: ``IM_REDIS_URL``'s server, or the master the Sentinels name.
+
+    Timeouts bound every command and connect (a frozen server must not hang a caller),
+    and a failed command is retried once at once on a fresh connection (the Sentinels
+    kill the clients of a promoted or demoted server), not three times with backoff.
+    """
+    common: dict[str, Any] = {
+        "socket_timeout": 5, "socket_connect_timeout": 3, "retry": Retry(NoBackoff(), 1),
+    }
+    url = settings.redis_url
+    tls = url.startswith("rediss://")
+    if tls and settings.tls_ca_file:
+        common["ssl_ca_certs"] = settings.tls_ca_file
+    sentinels = sentinel_addresses(settings.redis_sentinels)
+    if not sentinels:
+        return aioredis.from_url(url, **common)
+    parsed = parse_url(url)
+    # The Sentinels listen TLS only; short timeouts: the next Sentinel is asked at once.
+    sentinel = Sentinel(
+        sentinels,
+        sentinel_kwargs={
+            **common, "socket_timeout": 1, "socket_connect_timeout": 1, "ssl": True,
+            "password": settings.redis_sentinel_password or None,
+        },
+    )
+    return sentinel.master_for(
+        settings.redis_sentinel_master, **common, ssl=tls, username=parsed.get("username"),
+        password=parsed.get("password"), db=parsed.get("db", 0),
+    )
+
+
+class SubscriptionSilent(RedisConnectionError):
+    """No probe came back on this node's own channel in time (see the module docstring)."""
 
 
 def encode_payload(node: str, records: Iterable[Record]) -> bytes:
@@ -91,24 +159,23 @@ class Fanout:
 
     def __init__(
         self,
-        url: str,
+        redis: aioredis.Redis,
         node: str,
         metrics: Metrics,
         *,
-        ca_file: str | None,
         presence_ttl_s: int,
+        health_timeout_s: float,
         on_records: Callable[[list[Record]], None],
         on_resubscribed: Callable[[], None],
         local_users: Callable[[], Iterable[int]],
     ) -> None:
-        kwargs: dict[str, object] = {"socket_timeout": 5, "socket_connect_timeout": 3}
-        if ca_file and url.startswith("rediss://"):
-            kwargs["ssl_ca_certs"] = ca_file
-        self.redis = aioredis.from_url(url, **kwargs)
-        self._sub_redis = aioredis.from_url(url, **{**kwargs, "socket_timeout": None})
+        # One client (so one Sentinel-managed pool) for publishes and the subscription:
+        # a subscription that reconnects to a new master moves the publishes with it.
+        self.redis = redis
         self.node = node
         self.metrics = metrics
         self.ttl = presence_ttl_s
+        self.health_s = health_timeout_s
         self.on_records = on_records
         self.on_resubscribed = on_resubscribed
         self.local_users = local_users
@@ -120,6 +187,8 @@ class Fanout:
         self._fanout = self.redis.register_script(_FANOUT_LUA)
         self._registered = asyncio.Event()
         self._resync_on_subscribe = False
+        self._address: tuple[str, int] | None = None  # server of the last subscription
+        self._echoed = 0.0  # send time of the newest probe that came back
 
     async def start(self, *, wait_s: float = 5.0) -> None:
         """Start the tasks and wait (bounded) until this node is subscribed and listed.
@@ -149,7 +218,6 @@ class Fanout:
             self.redis.srem(NODES, self.node),
             self.redis.delete(f"im:node:{self.node}"),
             self.redis.aclose(),
-            self._sub_redis.aclose(),
         ):
             try:
                 await asyncio.wait_for(step, 2)
@@ -199,42 +267,89 @@ class Fanout:
     async def _subscriber(self) -> None:
         delay = 0.1
         while True:
-            pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            prober: asyncio.Task[None] | None = None
             try:
-                await pubsub.subscribe(CHANNEL_PREFIX + self.node)
-                await self._register()
+                await asyncio.wait_for(pubsub.subscribe(CHANNEL_PREFIX + self.node),
+                                       self.health_s)
+                await asyncio.wait_for(self._register(), self.health_s)
+                address = _peer(pubsub)
+                moved = self._address not in (None, address)
+                self._address = address
                 self.subscribed = True
                 self.metrics.redis_up.set(1)
                 delay = 0.1
                 if self._resync_on_subscribe:
-                    log.warning("redis subscription restored: clients re-sync")
+                    log.warning("redis subscription restored on %s:%s: clients re-sync",
+                                *address)
                     self.on_resubscribed()
+                if moved:
+                    # This node may have published on the old master after the others
+                    # left it: they re-sync too (see the module docstring).
+                    self.metrics.errors.labels("redis_master_changed").inc()
+                    self.publish([(RESYNC, "", b"{}")])
                 self._resync_on_subscribe = True
                 self._registered.set()
-                while True:
-                    msg = await pubsub.get_message(timeout=None)
-                    if msg is None or msg.get("type") != "message":
-                        continue
-                    try:
-                        self.on_records(decode_payload(msg["data"])[1])
-                    except Exception:  # one bad payload must not end this node's fan-out
-                        log.exception("fan-out payload dropped")
-                        self.metrics.errors.labels("fanout_payload").inc()
+                self._echoed = time.monotonic()
+                prober = asyncio.create_task(self._probe(), name="fanout-probe")
+                await self._listen(pubsub)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError) as exc:
                 if self.subscribed:
-                    log.warning("redis subscription lost: %s", exc)
+                    log.warning("redis subscription lost: %r", exc)
                     self.metrics.errors.labels("redis_subscription").inc()
                 self.subscribed = False
                 self.metrics.redis_up.set(0)
             finally:
+                if prober is not None:
+                    prober.cancel()
                 try:
                     await asyncio.wait_for(pubsub.aclose(), 1)
                 except (RedisError, OSError, TimeoutError):
                     pass
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
+        """Hand other nodes' records on until the subscription errs or goes silent."""
+        while True:
+            msg = await pubsub.get_message(timeout=self.health_s / 3)
+            if msg is not None and msg.get("type") == "message":
+                try:
+                    self._received(msg["data"])
+                except Exception:  # one bad payload must not end this node's fan-out
+                    log.exception("fan-out payload dropped")
+                    self.metrics.errors.labels("fanout_payload").inc()
+            if time.monotonic() - self._echoed > self.health_s:
+                self.metrics.errors.labels("redis_subscription_silent").inc()
+                raise SubscriptionSilent(f"no probe back within {self.health_s}s")
+
+    def _received(self, payload: bytes) -> None:
+        records = decode_payload(payload)[1]
+        if records and records[0][0] == PROBE:
+            sent = float(records[0][1])
+            self._echoed = max(self._echoed, sent)
+            self.metrics.redis.labels("probe").observe(time.monotonic() - sent)
+            return
+        self.on_records(records)
+
+    async def _probe(self) -> None:
+        """Publish a probe on this node's own channel every third of the health timeout."""
+        channel = CHANNEL_PREFIX + self.node
+        pool = self.redis.connection_pool
+        while True:
+            sent = time.monotonic()
+            try:
+                async with asyncio.timeout(self.health_s):
+                    if isinstance(pool, SentinelConnectionPool):
+                        # a new master: the pool drops its idle connections to the old one
+                        await pool.get_master_address()
+                    await self.redis.publish(
+                        channel, encode_payload(self.node, [(PROBE, repr(sent), b"{}")]))
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.debug("redis probe failed: %r", exc)
+            await asyncio.sleep(max(0.0, sent + self.health_s / 3 - time.monotonic()))
 
     # -- presence ---------------------------------------------------------------------------
 
@@ -277,3 +392,9 @@ class Fanout:
         counts = await pipe.execute()
         self.metrics.redis.labels("presence").observe(time.perf_counter() - started)
         return {u: c > 0 for u, c in zip(users, counts, strict=True)}
+
+
+def _peer(pubsub: aioredis.client.PubSub) -> tuple[str, int]:
+    conn = pubsub.connection
+    assert conn is not None  # subscribed
+    return str(getattr(conn, "host", "")), int(getattr(conn, "port", 0))

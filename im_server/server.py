@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__
 from .auth import Claims, Passwords, TokenError, Tokens, hash_refresh, new_refresh
-from .fanout import KICK, PRESENCE, RESYNC, Fanout, Record
+from .fanout import KICK, PRESENCE, RESYNC, Fanout, Record, redis_client
 from .metrics import Metrics
 from .migrate import applied_versions, available, migrate
 from .protocol import (
@@ -168,8 +168,8 @@ class Node:
         self.writer = Writer(self.storage, self._committed, self.metrics)
         self._writer_task = asyncio.create_task(self.writer.run(), name="writer")
         self.fanout = Fanout(
-            s.redis_url, s.node_id, self.metrics, ca_file=s.tls_ca_file,
-            presence_ttl_s=s.presence_ttl_s, on_records=self._remote,
+            redis_client(s), s.node_id, self.metrics, presence_ttl_s=s.presence_ttl_s,
+            health_timeout_s=s.redis_health_timeout_s, on_records=self._remote,
             on_resubscribed=self._resync_all, local_users=lambda: list(self.by_user),
         )
         await self.fanout.start()

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["Settings", "SettingsError", "load_settings"]
+__all__ = ["Settings", "SettingsError", "load_settings", "sentinel_addresses"]
 
 
 class SettingsError(ValueError):
@@ -24,6 +24,10 @@ class Settings:
     admin_token: str
     token_secret: str
     tls_ca_file: str | None = None
+    # Redis through Sentinel (profile ha): empty = IM_REDIS_URL's host is the Redis.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "imcloud"
+    redis_sentinel_password: str = ""
     host: str = "127.0.0.1"
     port: int = 8080
     node_id: str = ""
@@ -38,6 +42,7 @@ class Settings:
     db_pool_size: int = 10
     migrate_on_start: bool = False
     presence_ttl_s: int = 30
+    redis_health_timeout_s: float = 3.0
     argon2_time_cost: int = 2
     argon2_memory_kib: int = 19456
     log_level: str = "INFO"
@@ -113,4 +118,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(**values)  # type: ignore[arg-type]
     if not 0 < settings.port < 65536:
         raise SettingsError(f"IM_PORT: {settings.port} is not a TCP port")
+    sentinel_addresses(settings.redis_sentinels)
+    if settings.redis_health_timeout_s <= 0:
+        raise SettingsError("IM_REDIS_HEALTH_TIMEOUT_S: must be more than 0")
     return settings
+
+
+def sentinel_addresses(value: str) -> list[tuple[str, int]]:
+    """``IM_REDIS_SENTINELS`` (``h1:26379,h2:26379``) as (host, port) pairs."""
+    found = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError(f"IM_REDIS_SENTINELS: expected host:port, got {item!r}")
+        found.append((host.strip("[]"), int(port)))
+    return found

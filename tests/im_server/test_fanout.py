@@ -18,7 +18,8 @@ from im_server.localstack import Stack
 
 
 async def _fanout_payloads(stack: Stack, seconds: float) -> list[tuple[str, bytes]]:
-    """Every (channel, payload) published on ``im:fanout:*`` for ``seconds``."""
+    """Every (channel, payload) published on ``im:fanout:*`` for ``seconds``, but the
+    health probes each node publishes on its own channel."""
     r = aioredis.from_url(stack.redis_url)
     pubsub = r.pubsub(ignore_subscribe_messages=True)
     await pubsub.psubscribe("im:fanout*")
@@ -27,7 +28,7 @@ async def _fanout_payloads(stack: Stack, seconds: float) -> list[tuple[str, byte
     try:
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
             msg = await pubsub.get_message(timeout=left)
-            if msg and msg["type"] == "pmessage":
+            if msg and msg["type"] == "pmessage" and b"\n!probe\t" not in msg["data"]:
                 got.append((msg["channel"].decode(), msg["data"]))
     finally:
         await pubsub.aclose()
