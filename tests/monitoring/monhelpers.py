@@ -52,6 +52,38 @@ def inventory(app_hosts: int = 2, receivers: list[dict[str, Any]] | None = None)
     }
 
 
+def ha_inventory() -> dict[str, Any]:
+    """An ha inventory shaped like `imcloud quickstart --profile ha` on three hosts."""
+    hosts = {f"node{i}": f"10.9.1.{10 + i}" for i in (1, 2, 3)}
+    groups = {
+        "lb": ["node1", "node2"],
+        "app": list(hosts),
+        "db": list(hosts),
+        "cache": list(hosts),
+        "monitoring": ["node3"],
+    }
+    return {
+        "all": {
+            "vars": {
+                "imcloud_domain": "chat.example.test",
+                "imcloud_profile": "ha",
+                "imcloud_tls_mode": "internal",
+                "imcloud_floating_address": "10.9.1.250",
+                "imcloud_alert_receivers": [],
+            },
+            "children": {
+                "imcloud": {
+                    "hosts": {
+                        name: {"ansible_host": addr, "imcloud_internal_address": addr}
+                        for name, addr in hosts.items()
+                    },
+                    "children": {g: {"hosts": dict.fromkeys(m)} for g, m in groups.items()},
+                }
+            },
+        }
+    }
+
+
 @contextlib.contextmanager
 def daemon(args: list[str], ready_url: str, log: Path, timeout: float = 30) -> Iterator[None]:
     """Run a daemon until the block ends; wait for ready_url to answer 200 first."""

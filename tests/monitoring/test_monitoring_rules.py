@@ -13,7 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 RULES = sorted((ROOT / "monitoring/prometheus/rules").glob("*.yml"))
 RULE_TESTS = sorted((ROOT / "monitoring/tests").glob("*-test.yml"))
-PREFIXES = ("ImServer", "Postgres", "Redis", "Nginx", "Node", "Tls", "Blackbox")
+PREFIXES = ("ImServer", "Postgres", "Patroni", "Etcd", "Redis", "Nginx", "Node", "Tls", "Blackbox")
 UNPREFIXED = {"TargetDown", "Watchdog"}
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"  # from scripts/setup.sh

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from monhelpers import ROOT, inventory
+from monhelpers import ROOT, ha_inventory, inventory
 
 RECEIVERS = [
     {"name": "ops-webhook", "type": "webhook", "url": "https://hooks.example.test/alert"},
@@ -114,3 +114,38 @@ def test_prometheus_listens_internally_under_a_route_prefix(render: Render) -> N
     assert "ca_file" not in blackbox["https_healthz"]["http"]["tls_config"]  # provided mode
     send = blackbox["wss_upgrade"]["tcp"]["query_response"][0]["send"]
     assert send.startswith("GET /ws HTTP/1.1\r\nHost: chat.example.test\r\n")
+
+
+def _jobs(prometheus_yml: Path) -> dict[str, dict]:
+    config = yaml.safe_load(prometheus_yml.read_text())
+    return {job["job_name"]: job for job in config["scrape_configs"]}
+
+
+def test_ha_scrapes_patroni_etcd_and_sentinels_and_probes_the_floating_address(
+    render: Render,
+) -> None:
+    ca = "/etc/ssl/certs/ca-certificates.crt"  # promtool and blackbox check the file exists
+    files = render(ha_inventory(), monitoring_internal_ca_file=ca, monitoring_blackbox_ca_file=ca)
+    targets = _targets(files["prometheus"])
+    nodes = [("10.9.1.11", "node1"), ("10.9.1.12", "node2"), ("10.9.1.13", "node3")]
+    assert targets["patroni"] == [(f"{a}:8008", h) for a, h in nodes]
+    assert targets["etcd"] == [(f"{a}:2381", h) for a, h in nodes]
+    assert targets["sentinel"] == [(f"{a}:9122", h) for a, h in nodes]
+    assert targets["postgres"] == [(f"{a}:9187", h) for a, h in nodes]
+    jobs = _jobs(files["prometheus"])
+    assert jobs["patroni"]["scheme"] == "https"
+    assert jobs["patroni"]["tls_config"] == {"ca_file": ca}
+    assert "scheme" not in jobs["etcd"] and "tls_config" not in jobs["sentinel"]
+    # Clients reach the floating address; each lb is probed too (where it may move).
+    assert targets["blackbox_https"] == [("https://10.9.1.250/healthz", "floating")]
+    assert targets["blackbox_wss"] == [("10.9.1.250:443", "floating")]
+    assert targets["blackbox_lb"] == [
+        ("https://10.9.1.11/healthz", "node1"), ("https://10.9.1.12/healthz", "node2"),
+    ]  # fmt: skip
+    assert jobs["blackbox_lb"]["params"] == {"module": ["https_healthz"]}
+
+
+def test_single_and_cluster_have_no_ha_jobs(render: Render) -> None:
+    jobs = set(_jobs(render(inventory())["prometheus"]))
+    assert jobs & {"patroni", "etcd", "sentinel", "blackbox_lb"} == set()
+    assert {"blackbox_https", "blackbox_wss", "postgres", "redis"} <= jobs
