@@ -10,6 +10,7 @@ from installer import __version__
 from installer.commands import (
     alerts,
     check,
+    drill,
     init,
     install,
     lab,
@@ -31,6 +32,7 @@ app = typer.Typer(
 app.add_typer(lab.app, name="lab")
 app.add_typer(users.app, name="users")
 app.add_typer(alerts.app, name="alerts")
+app.add_typer(drill.app, name="drill")
 app.command("init")(init.init)
 app.command("check")(check.check)
 app.command("install")(install.install)

@@ -35,11 +35,15 @@ __all__ = [
     "PatroniMember",
     "UNITS",
     "evaluate",
+    "floating_holders",
+    "majority_master",
     "parse_ip_addresses",
     "parse_patroni_members",
     "parse_sentinel_master",
+    "patroni_list",
     "probe",
     "run_script",
+    "sentinel_masters",
 ]
 
 IM_SERVER_PORT = 8080
@@ -60,11 +64,7 @@ HA_UNITS: dict[str, tuple[str, ...]] = {
     "lb": ("keepalived.service",),
 }
 
-#: Every script starts so: a known PATH, and ``$SUDO`` for commands that need root.
-_SCRIPT_HEAD = (
-    "export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
-    'SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"\n'
-)
+_SCRIPT_HEAD = "export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
 
 
 @dataclass(frozen=True)
@@ -299,9 +299,13 @@ def _floating_problems(address: str, holders: list[str]) -> list[str]:
 
 
 def run_script(host: Host, script: str, timeout: float = SSH_TIMEOUT_S) -> tuple[int, str, str]:
-    """Run a POSIX shell script on the host (as root: ``$SUDO`` is ``sudo -n`` for others);
-    the script goes on stdin. Returns (exit code, stdout, stderr); 255 is SSH's own failure."""
-    command = ["ssh", *host.ssh_args(), "--", "sh", "-s"]
+    """Run a POSIX shell script as root on the host (through ``sudo -n`` for another SSH
+    user); the script goes on stdin. ``$IMCLOUD_SSH_CLIENT`` in it is the controller's
+    address and port as the host sees them. Returns (exit code, stdout, stderr); 255 is
+    SSH's own failure."""
+    sudo = "" if host.user == "root" else "sudo -n "
+    remote = f'{sudo}env "IMCLOUD_SSH_CLIENT=$SSH_CLIENT" sh -s'
+    command = ["ssh", *host.ssh_args(), "--", remote]
     try:
         proc = subprocess.run(
             command, input=_SCRIPT_HEAD + script, capture_output=True, text=True, timeout=timeout
@@ -360,7 +364,7 @@ def _url_host(address: str) -> str:
 def patroni_list(hosts: Iterable[Host]) -> str | None:
     """``patronictl list -f json`` from the first of ``hosts`` that answers it."""
     for host in hosts:
-        code, out, _ = run_script(host, f"$SUDO patronictl -c {PATRONI_CONFIG} list -f json\n")
+        code, out, _ = run_script(host, f"patronictl -c {PATRONI_CONFIG} list -f json\n")
         if code == 0 and out.strip().startswith("["):
             return out
     return None
@@ -384,3 +388,28 @@ def probe(cloud: Cloud) -> HaState:
         answers = dict(zip([h.name for h in hosts], pool.map(ask, hosts), strict=True))
         patroni_text = patroni.result() if patroni is not None else None
     return evaluate(cloud, dict(answers), patroni_text)
+
+
+def sentinel_masters(cloud: Cloud, hosts: list[Host], password: str) -> dict[str, str | None]:
+    """The master (a host name) each of these cache hosts' Sentinel names; None: no answer."""
+    by_address = {h.internal_address: h.name for h in cloud.hosts}
+
+    def ask(host: Host) -> str | None:
+        _, out, _ = run_script(host, sentinel_command(host, password, "@@sentinel") + "\n")
+        address = parse_sentinel_master(split_sections(out).get("sentinel", ""))
+        return None if address is None else by_address.get(address, address)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+        return dict(zip([h.name for h in hosts], pool.map(ask, hosts), strict=True))
+
+
+def floating_holders(cloud: Cloud, hosts: list[Host]) -> list[str]:
+    """Which of these lb hosts hold the floating address now."""
+    address = cloud.config.ha.floating_address
+
+    def holds(host: Host) -> bool:
+        code, out, _ = run_script(host, "ip -br addr\n")
+        return code == 0 and address in parse_ip_addresses(out)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+        return [h.name for h, held in zip(hosts, pool.map(holds, hosts), strict=True) if held]
