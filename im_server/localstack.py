@@ -17,10 +17,18 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
-__all__ = ["PG_BIN", "REDIS_BIN", "Postgres", "Redis", "ServerProcess", "Stack", "free_port"]
+import redis
+
+__all__ = [
+    "PG_BIN", "REDIS_BIN", "Postgres", "Redis", "RedisHA", "ServerProcess", "Stack", "TLSFiles",
+    "free_port", "make_tls",
+]
 
 PG_BIN = Path(os.environ.get("IM_PG_BIN", "/usr/lib/postgresql/15/bin"))
 REDIS_BIN = os.environ.get("IM_REDIS_BIN", "redis-server")
@@ -30,6 +38,32 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls(directory: Path) -> TLSFiles:
+    """A throwaway CA and a certificate for 127.0.0.1 and localhost (openssl, one day)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TLSFiles(directory / "ca.crt", directory / "host.crt", directory / "host.key")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca_key, csr, ext = directory / "ca.key", directory / "host.csr", directory / "host.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for cmd in (
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", files.ca, "-days", "1",
+         "-subj", "/CN=im localstack CA"],
+        ["req", *ec, "-keyout", files.key, "-out", csr, "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", csr, "-CA", files.ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", files.cert, "-days", "1", "-extfile", ext],
+    ):
+        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True)
+    os.chmod(files.key, 0o644)  # read by the server processes only, in a private temp dir
+    return files
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
@@ -109,20 +143,41 @@ class Postgres:
 
 
 class Redis:
-    """A Redis server without persistence on a free port; ``restart()`` keeps the port."""
+    """A Redis server (or, with ``sentinel``, a Sentinel) without persistence on a free port;
+    ``restart()`` keeps the port. With ``tls`` it listens TLS only."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, tls: TLSFiles | None = None,
+                 args: Sequence[str] = (), sentinel: bool = False) -> None:
         self.dir = directory
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls = tls
+        self.args = list(args)
+        self.sentinel = sentinel
+        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _config(self) -> list[str]:
+        lines = ["bind 127.0.0.1", f"dir {self.dir}"]
+        if self.tls:
+            lines += [
+                "port 0", f"tls-port {self.port}", f"tls-cert-file {self.tls.cert}",
+                f"tls-key-file {self.tls.key}", f"tls-ca-cert-file {self.tls.ca}",
+                "tls-auth-clients no", "tls-replication yes",
+            ]
+        else:
+            lines.append(f"port {self.port}")
+        if not self.sentinel:
+            lines += ['save ""', "appendonly no"]
+        return lines + self.args
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / ("sentinel.conf" if self.sentinel else "redis.conf")
+        if not conf.exists():  # a Sentinel rewrites its file: a restart keeps what it learnt
+            conf.write_text("\n".join(self._config()) + "\n")
         log = open(self.dir / "redis.log", "ab")
         self.proc = subprocess.Popen(
-            [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no"],
+            [REDIS_BIN, str(conf), *(["--sentinel"] if self.sentinel else [])],
             stdout=log, stderr=log, start_new_session=True,
         )
         _wait_port(self.port, self.proc, "redis-server")
@@ -137,6 +192,105 @@ class Redis:
         self.stop()
         time.sleep(down_for)
         self.start()
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+
+class RedisHA:
+    """Redis over TLS as on profile ``ha``: a master, replicas and three Sentinels (master
+    name ``imcloud``, quorum 2, down after 3 s). The server's ACL user is ``im``; the
+    Sentinels' default user has a password of its own."""
+
+    MASTER = "imcloud"
+
+    def __init__(self, directory: Path, *, replicas: int = 1, sentinels: int = 3) -> None:
+        self.dir = directory
+        self.tls = make_tls(directory / "tls")
+        self.password = secrets.token_hex(8)  # user im
+        self.sentinel_password = secrets.token_hex(8)
+        data_password = secrets.token_hex(8)  # default user: replication and Sentinels
+        acl = [f"requirepass {data_password}", f"masterauth {data_password}",
+               f"user im on >{self.password} ~* &* +@all"]
+        self.servers = [Redis(directory / f"redis{i}", tls=self.tls, args=acl)
+                        for i in range(1 + replicas)]
+        master = self.servers[0]
+        for replica in self.servers[1:]:
+            replica.args.append(f"replicaof 127.0.0.1 {master.port}")
+        watch = [
+            f"requirepass {self.sentinel_password}",
+            f"sentinel sentinel-pass {self.sentinel_password}",
+            f"sentinel monitor {self.MASTER} 127.0.0.1 {master.port} 2",
+            f"sentinel auth-pass {self.MASTER} {data_password}",
+            f"sentinel down-after-milliseconds {self.MASTER} 3000",
+            f"sentinel failover-timeout {self.MASTER} 10000",
+        ]
+        self.sentinels = [Redis(directory / f"sentinel{i}", tls=self.tls, args=watch,
+                                sentinel=True) for i in range(sentinels)]
+        # IM_REDIS_URL's host is not used with Sentinels: user, password and db are.
+        self.url = f"rediss://im:{self.password}@127.0.0.1:{master.port}/0"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "IM_REDIS_URL": self.url,
+            "IM_TLS_CA_FILE": str(self.tls.ca),
+            "IM_REDIS_SENTINELS": ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels),
+            "IM_REDIS_SENTINEL_MASTER": self.MASTER,
+            "IM_REDIS_SENTINEL_PASSWORD": self.sentinel_password,
+        }
+
+    def _sentinel_state(self, sentinel: Redis) -> dict[str, Any]:
+        client = redis.Redis(host="127.0.0.1", port=sentinel.port, ssl=True,
+                             ssl_ca_certs=str(self.tls.ca), password=self.sentinel_password,
+                             socket_timeout=1, socket_connect_timeout=1)
+        try:
+            state = client.sentinel_master(self.MASTER)
+            assert isinstance(state, dict)
+            return state
+        finally:
+            client.close()
+
+    def master_port(self) -> int | None:
+        """The master port most Sentinels answer (None while they disagree or are down)."""
+        ports = []
+        for sentinel in self.sentinels:
+            try:
+                ports.append(int(self._sentinel_state(sentinel)["port"]))
+            except Exception:  # a Sentinel that does not answer has no say
+                continue
+        best = max(set(ports), key=ports.count, default=None)
+        return best if best is not None and ports.count(best) * 2 > len(self.sentinels) else None
+
+    def server(self, port: int) -> Redis:
+        return next(s for s in self.servers if s.port == port)
+
+    def start(self, timeout: float = 60) -> RedisHA:
+        """Start everything; return once every Sentinel knows the others and the replicas."""
+        try:
+            for proc in (*self.servers, *self.sentinels):
+                proc.start()
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    states = [self._sentinel_state(s) for s in self.sentinels]
+                except Exception:
+                    states = []
+                if states and all(
+                    st["num-other-sentinels"] == len(self.sentinels) - 1
+                    and st["num-slaves"] == len(self.servers) - 1 for st in states
+                ):
+                    return self
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Sentinels not in agreement within {timeout}s: {states}")
+                time.sleep(0.2)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for proc in (*self.sentinels, *self.servers):
+            proc.stop()  # SIGKILL: also ends a server a test froze with SIGSTOP
 
 
 class ServerProcess:

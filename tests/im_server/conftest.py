@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
-from im_helpers import FAST
+from im_helpers import FAST, require_binaries
 
-from im_server.localstack import PG_BIN, REDIS_BIN, ServerProcess, Stack
-
-
-def _require_binaries() -> None:
-    if not (PG_BIN / "postgres").exists() or not shutil.which(REDIS_BIN):
-        pytest.skip(f"needs PostgreSQL 15 in {PG_BIN} and {REDIS_BIN} (scripts/setup.sh)")
+from im_server.localstack import ServerProcess, Stack
 
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     """PostgreSQL and Redis shared by the session; tests use distinct user names."""
-    _require_binaries()
+    require_binaries()
     with Stack(fsync=False, extra_env=FAST) as st:
         yield st
 
@@ -37,7 +31,7 @@ def server2(stack: Stack, server: ServerProcess) -> ServerProcess:
 @pytest.fixture
 def fresh_stack() -> Iterator[Stack]:
     """A private stack for tests that break things (kill servers, restart Redis)."""
-    _require_binaries()
+    require_binaries()
     with Stack(fsync=False, extra_env=FAST) as st:
         yield st
 

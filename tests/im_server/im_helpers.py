@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+
+import pytest
 
 from im_server.client import AdminClient, Client
-from im_server.localstack import Stack
+from im_server.localstack import PG_BIN, REDIS_BIN, Stack
 
 _names = itertools.count(1)
 
 # Cheap argon2 in tests: login speed is not what they check.
 FAST = {"IM_ARGON2_TIME_COST": "1", "IM_ARGON2_MEMORY_KIB": "1024", "IM_LOG_LEVEL": "WARNING"}
+
+
+def require_binaries() -> None:
+    if not (PG_BIN / "postgres").exists() or not shutil.which(REDIS_BIN):
+        pytest.skip(f"needs PostgreSQL 15 in {PG_BIN} and {REDIS_BIN} (scripts/setup.sh)")
 
 
 def unique(prefix: str = "u") -> str:
