@@ -31,8 +31,11 @@ if TYPE_CHECKING:
 __all__ = [
     "Api",
     "ComponentStatus",
+    "HaRoles",
     "MonitoringApis",
+    "collect_ha_roles",
     "collect_status",
+    "ha_roles",
     "monitoring_apis",
     "parse_metrics",
 ]
@@ -262,6 +265,10 @@ def _days(v: float) -> str:
     return f"{v / 86400:.0f}d"
 
 
+def _patroni_role(v: float) -> str:
+    return {2: "primary", 1: "sync standby"}.get(int(v), "replica")
+
+
 # Per scrape job: (figure, PromQL by instance, formatter). Names from monitoring/prometheus/rules.
 FIGURES: dict[str, list[tuple[str, str, Callable[[float], str]]]] = {
     "node": [
@@ -292,9 +299,28 @@ FIGURES: dict[str, list[tuple[str, str, Callable[[float], str]]]] = {
         ("cert left", 'probe_ssl_earliest_cert_expiry{job="blackbox_https"} - time()', _days),
     ],
     "blackbox_wss": [("probe ok", 'probe_success{job="blackbox_wss"}', _num)],
+    # Profile ha (docs/ha.md).
+    "blackbox_lb": [("probe ok", 'probe_success{job="blackbox_lb"}', _num)],
+    "patroni": [
+        ("db up", 'patroni_postgres_running{job="patroni"}', _num),
+        (
+            "role",
+            'patroni_primary{job="patroni"} * 2 + patroni_sync_standby{job="patroni"}',
+            _patroni_role,
+        ),
+    ],
+    "etcd": [
+        ("has leader", 'etcd_server_has_leader{job="etcd"}', _num),
+        ("leader", 'etcd_server_is_leader{job="etcd"}', _num),
+    ],
+    "sentinel": [
+        ("sentinel up", 'redis_up{job="sentinel"}', _num),
+        ("ok sentinels", 'redis_sentinel_master_ok_sentinels{job="sentinel"}', _num),
+        ("ok replicas", 'redis_sentinel_master_ok_slaves{job="sentinel"}', _num),
+    ],
 }
 # A figure of 0 here means the component behind a live exporter is down.
-LIVENESS = {"db up", "redis up", "nginx up", "probe ok"}
+LIVENESS = {"db up", "redis up", "nginx up", "probe ok", "has leader", "sentinel up"}
 
 
 @dataclass
@@ -324,17 +350,22 @@ class ComponentStatus:
         }
 
 
+def _host(address: str, host_names: dict[str, str]) -> str:
+    """The host name of ``address:port``, ``[v6]:port`` or a probe URL (else the address)."""
+    bare = address.split("://")[-1].split("/")[0].rsplit(":", 1)[0].strip("[]")
+    return host_names.get(bare, bare)
+
+
 def collect_status(prometheus: Api, host_names: dict[str, str]) -> list[ComponentStatus]:
     """One row per scrape target; ``host_names`` maps internal addresses to host names."""
     rows: dict[tuple[str, str], ComponentStatus] = {}
     for sample in prometheus.query("up"):
         labels = sample["metric"]
         job, instance = labels.get("job", ""), labels.get("instance", "")
-        address = instance.split("://")[-1].split("/")[0].rsplit(":", 1)[0].strip("[]")
         rows[(job, instance)] = ComponentStatus(
             job=job,
             instance=instance,
-            host=host_names.get(address, address),
+            host=_host(instance, host_names),
             up=sample["value"][1] == "1",
         )
     for job, figures in FIGURES.items():
@@ -351,3 +382,86 @@ def collect_status(prometheus: Api, host_names: dict[str, str]) -> list[Componen
         if row is not None and alert.get("state") == "firing":
             row.alerts.append(f"{labels.get('alertname')}({labels.get('severity', '')})")
     return sorted(rows.values(), key=lambda r: (r.job, r.host, r.instance))
+
+
+# -- who holds the ha roles (profile ha) ----------------------------------------
+
+SENTINEL_MASTER = "imcloud"
+# Names from Patroni 3.0's GET /metrics (job "patroni") and redis_exporter 1.45
+# pointed at a Sentinel (job "sentinel"); see monitoring/prometheus/rules.
+PRIMARY_QUERY = (
+    'patroni_primary{job="patroni"} == 1'
+    ' and on (job, instance) patroni_postgres_running{job="patroni"} == 1'
+)
+SYNC_STANDBY_QUERY = 'patroni_sync_standby{job="patroni"} == 1'
+SENTINEL_MASTER_QUERY = (
+    f'redis_sentinel_master_status{{job="sentinel", master_name="{SENTINEL_MASTER}"}} == 1'
+)
+
+
+@dataclass(frozen=True)
+class HaRoles:
+    """The db hosts Patroni reports as primary and sync standby, the cache hosts the
+    Sentinels name as Redis master (with the Sentinels' hosts naming each)."""
+
+    postgres_primary: list[str]
+    postgres_sync_standby: list[str]
+    redis_master: dict[str, list[str]]
+
+    @property
+    def problems(self) -> list[str]:
+        """Why this is not the shape of docs/ha.md (one of each), in words."""
+        found = []
+        for what, hosts in (
+            ("PostgreSQL primaries", self.postgres_primary),
+            ("synchronous standbys", self.postgres_sync_standby),
+        ):
+            if len(hosts) != 1:
+                named = f": {', '.join(hosts)}" if hosts else ""
+                found.append(f"{len(hosts)} {what} (Patroni){named}")
+        if not self.redis_master:
+            found.append("no Sentinel sees a reachable Redis master")
+        elif len(self.redis_master) > 1:
+            named = "; ".join(f"{m} by {', '.join(s)}" for m, s in self.redis_master.items())
+            found.append(f"the Sentinels name {len(self.redis_master)} Redis masters: {named}")
+        return found
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "postgres_primary": self.postgres_primary,
+            "postgres_sync_standby": self.postgres_sync_standby,
+            "redis_master": self.redis_master,
+            "problems": self.problems,
+        }
+
+
+def ha_roles(
+    primary: list[dict[str, Any]],
+    sync_standby: list[dict[str, Any]],
+    sentinel_master: list[dict[str, Any]],
+    host_names: dict[str, str],
+) -> HaRoles:
+    """HaRoles from the samples of PRIMARY_QUERY, SYNC_STANDBY_QUERY and SENTINEL_MASTER_QUERY."""
+
+    def hosts(samples: list[dict[str, Any]]) -> list[str]:
+        return sorted({_host(s["metric"].get("instance", ""), host_names) for s in samples})
+
+    masters: dict[str, set[str]] = {}
+    for sample in sentinel_master:
+        labels = sample["metric"]
+        master = _host(labels.get("master_address", ""), host_names)
+        masters.setdefault(master, set()).add(_host(labels.get("instance", ""), host_names))
+    return HaRoles(
+        postgres_primary=hosts(primary),
+        postgres_sync_standby=hosts(sync_standby),
+        redis_master={m: sorted(s) for m, s in sorted(masters.items())},
+    )
+
+
+def collect_ha_roles(prometheus: Api, host_names: dict[str, str]) -> HaRoles:
+    return ha_roles(
+        prometheus.query(PRIMARY_QUERY),
+        prometheus.query(SYNC_STANDBY_QUERY),
+        prometheus.query(SENTINEL_MASTER_QUERY),
+        host_names,
+    )
