@@ -24,7 +24,6 @@ should the controller vanish. The run is recorded in ``<cloud>/drills/``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import math
 import shlex
@@ -275,7 +274,7 @@ class DrillResult:
     mode: str
     host: str
     rate: float
-    duration_s: float
+    duration_s: float  # of the load (the drill itself goes on until the host rejoined)
     detection: str  # how detection is timed
     fault_at_s: float  # seconds since the load started
     detected_at_s: float | None
@@ -387,12 +386,11 @@ class _Drill:
                 fault_at, restore_at = await self._break_and_restore(load)
                 end = max(plan.duration, restore_at + TAIL_S)
                 await asyncio.sleep(max(0.0, end - load.now()))
-            finally:
-                stop.set()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(running), 60)
-                if self.fault is not None and not self.fault.restored:
+            finally:  # also on Ctrl-C (the task is cancelled): restore first, then stop
+                if not self.fault.restored:
                     self.restore_problem = await asyncio.to_thread(self.fault.restore)
+                stop.set()
+                load_end = load.now()
             await running
             say(f"waiting for {self.host} to rejoin (at most {REJOIN_TIMEOUT_S:g} s)")
             await self._wait_rejoin(load)
@@ -400,7 +398,7 @@ class _Drill:
             await load.audit()
         timeline = load.timeline
         timeline.marks.update(
-            {"fault": fault_at, "restore": restore_at}
+            {"fault": fault_at, "restore": restore_at, "end": load_end}
             | ({"detected": self.detected_at} if self.detected_at is not None else {})
             | ({"rejoined": self.rejoined_at} if self.rejoined_at is not None else {})
         )
@@ -411,7 +409,7 @@ class _Drill:
         result = DrillResult(
             id=self.id, started=self.started, domain=self.cloud.config.domain,
             profile=self.cloud.config.profile, target=plan.target, mode=plan.mode,
-            host=self.host, rate=plan.rate, duration_s=round(load.now(), 1),
+            host=self.host, rate=plan.rate, duration_s=round(load_end, 1),
             detection=DETECTION[plan.target], fault_at_s=fault_at,
             detected_at_s=self.detected_at, restore_at_s=restore_at,
             rejoined_at_s=self.rejoined_at,
