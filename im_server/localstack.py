@@ -80,13 +80,20 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
 
 
 class Postgres:
-    """A PostgreSQL 15 cluster in ``directory`` (run as user ``postgres`` when we are root)."""
+    """A PostgreSQL 15 cluster in ``directory`` (run as user ``postgres`` when we are root).
 
-    def __init__(self, directory: Path, *, fsync: bool = True) -> None:
+    With ``standby_of`` it is a streaming standby of that (running) cluster, cloned with
+    ``pg_basebackup -R``; :meth:`promote` makes it a primary.
+    """
+
+    def __init__(self, directory: Path, *, fsync: bool = True,
+                 standby_of: Postgres | None = None) -> None:
         self.dir = directory
         self.data = directory / "pgdata"
         self.port = free_port()
         self.fsync = fsync
+        self.standby_of = standby_of
+        self.address = f"127.0.0.1:{self.port}"  # for multi-host DSNs (the dsn uses the socket)
         self.proc: subprocess.Popen[bytes] | None = None
         self._as: list[str] = []
         if os.geteuid() == 0:
@@ -102,7 +109,14 @@ class Postgres:
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._chown(self.dir)
-        if not self.data.exists():
+        if not self.data.exists() and self.standby_of:
+            subprocess.run(
+                [*self._as, str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1",
+                 "-p", str(self.standby_of.port), "-U", "im", "-D", str(self.data), "-R",
+                 "-X", "stream", "--no-sync", "--checkpoint=fast"],
+                check=True, capture_output=True,
+            )
+        elif not self.data.exists():
             subprocess.run(
                 [*self._as, str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "im",
                  "--auth=trust", "-E", "UTF8", "--no-sync"],
@@ -120,7 +134,7 @@ class Postgres:
         )
         _wait_port(self.port, self.proc, "postgres")
         deadline = time.monotonic() + 30
-        while True:
+        while not self.standby_of:  # a standby has the primary's database already
             done = subprocess.run(
                 [*self._as, str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
                  "-U", "im", "im"], capture_output=True,
@@ -131,9 +145,24 @@ class Postgres:
                 raise RuntimeError(f"createdb failed: {done.stderr.decode().strip()}")
             time.sleep(0.2)
 
-    def stop(self) -> None:
+    def sql(self, query: str) -> str:
+        """Run one statement with psql over TCP; its unaligned output."""
+        done = subprocess.run(
+            [*self._as, str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
+             "im", "-d", "im", "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", query],
+            check=True, capture_output=True, text=True, timeout=30,
+        )
+        return done.stdout.strip()
+
+    def promote(self) -> None:
+        """Make a standby a primary (returns once it takes writes)."""
+        subprocess.run([*self._as, str(PG_BIN / "pg_ctl"), "promote", "-w", "-t", "30",
+                        "-D", str(self.data)], check=True, capture_output=True)
+
+    def stop(self, *, immediate: bool = False) -> None:
+        """Fast shutdown; ``immediate``: no shutdown checkpoint, as a crash leaves it."""
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            self.proc.send_signal(signal.SIGQUIT if immediate else signal.SIGINT)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:

@@ -19,6 +19,12 @@ log = logging.getLogger("im_server.storage")
 __all__ = ["Conflict", "Forbidden", "NotFound", "Send", "Storage", "Writer"]
 
 MAX_BATCH = 500
+CONNECT_TIMEOUT_S = 5.0  # one connect, every host of a multi-host DSN included
+RECONNECT_MAX_S = 2.0  # the writer's backoff after a failed connect grows up to this
+# The database is not reachable or not writable (a failover): the sends are answered
+# `unavailable`, the connection is dropped and a new one goes to the host now read-write.
+_UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.exceptions.TargetServerAttributeNotMatched)
 
 
 class NotFound(Exception):
@@ -38,7 +44,13 @@ def _ms() -> int:
 
 
 class Storage:
-    """Every SQL statement of the server lives here."""
+    """Every SQL statement of the server lives here.
+
+    The DSN may list several hosts (``postgresql://u:p@h1:5432,h2:5432/db?
+    target_session_attrs=read-write``): asyncpg tries them in order and keeps the first
+    that takes writes, for each new connection. A connection that breaks in a failover
+    is dropped (the pool's on its next use), so new ones find the new primary.
+    """
 
     def __init__(self, pool: asyncpg.Pool, metrics: Metrics, dsn: str) -> None:
         self.pool = pool
@@ -48,7 +60,8 @@ class Storage:
     @classmethod
     async def open(cls, dsn: str, size: int, metrics: Metrics) -> Storage:
         pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=size, command_timeout=10, max_inactive_connection_lifetime=60
+            dsn, min_size=1, max_size=size, command_timeout=10, max_inactive_connection_lifetime=60,
+            timeout=CONNECT_TIMEOUT_S,
         )
         return cls(pool, metrics, dsn)
 
@@ -57,7 +70,7 @@ class Storage:
 
         The pool's release runs a reset query: one more round trip per commit.
         """
-        return await asyncpg.connect(self.dsn, command_timeout=10, timeout=5)
+        return await asyncpg.connect(self.dsn, command_timeout=10, timeout=CONNECT_TIMEOUT_S)
 
     async def close(self) -> None:
         await asyncio.wait_for(self.pool.close(), 5)
@@ -408,6 +421,8 @@ class Writer:
         self.metrics = metrics
         self.pending: list[Send] = []
         self._conn: asyncpg.Connection | None = None
+        self._backoff = 0.0
+        self._connect_after = 0.0  # monotonic time before which no new connect is tried
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -427,7 +442,7 @@ class Writer:
         if conn is not None:
             try:
                 await asyncio.wait_for(conn.close(), 2)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except _UNAVAILABLE:
                 conn.terminate()
 
     def _drop_connection(self) -> None:
@@ -459,7 +474,7 @@ class Writer:
             except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
                 if attempt == 2:
                     self._fail(batch, "db_conflict")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except _UNAVAILABLE as exc:
                 self._drop_connection()
                 self.metrics.db_up.set(0)
                 log.warning("commit of %d sends failed: %r", len(batch), exc)
@@ -478,6 +493,22 @@ class Writer:
             item.error = ErrorCode.UNAVAILABLE
             item.seq = 0
 
+    async def _connection(self) -> asyncpg.Connection:
+        """The open connection, or a new one, tried no sooner than the backoff allows
+        (0.1 s doubling up to RECONNECT_MAX_S while connects fail: the batches in between
+        wait that long, then fail `unavailable`, rather than each hammering every host)."""
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        await asyncio.sleep(max(0.0, self._connect_after - time.monotonic()))
+        try:
+            self._conn = await self.storage.connect()
+        except BaseException:
+            self._backoff = min(max(0.1, self._backoff * 2), RECONNECT_MAX_S)
+            self._connect_after = time.monotonic() + self._backoff
+            raise
+        self._backoff = 0.0
+        return self._conn
+
     async def _transaction(self, batch: list[Send]) -> None:
         """One statement, one round trip (see migrations/0009).
 
@@ -490,17 +521,15 @@ class Writer:
             if key not in first:
                 first[key] = item
                 unique.append(item)
-        now = _ms()
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await self.storage.connect()
-        rows = await self._conn.fetch(
+        conn = await self._connection()
+        rows = await conn.fetch(
             _COMMIT,
             [i.conv for i in unique],
             [i.sender for i in unique],
             [i.device for i in unique],
             [i.cid for i in unique],
             [i.body.decode() for i in unique],
-            [now] * len(unique),
+            [_ms()] * len(unique),
         )
         fresh = 0
         for idx, seq, ts, status, members in rows:

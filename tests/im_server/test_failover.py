@@ -5,10 +5,12 @@ promoted). Live fan-out comes back on its own, nothing acked is lost, no restart
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +18,8 @@ from pathlib import Path
 import pytest
 from im_helpers import FAST, login, make_user, require_binaries
 
-from im_server.client import Client
-from im_server.localstack import RedisHA, ServerProcess, Stack
+from im_server.client import Client, ImError
+from im_server.localstack import Postgres, RedisHA, ServerProcess, Stack
 
 SEND_EVERY = 0.1
 MAX_SENDS = 600  # per sender: a bound on the whole test, never reached when things work
@@ -140,3 +142,99 @@ async def test_redis_master_lost_fan_out_follows_sentinel(redis_ha: RedisHA, fau
             for s in streams:
                 await s.sender.close()
                 await s.receiver.close()
+
+
+@pytest.fixture
+def pg_pair() -> Iterator[tuple[Postgres, Postgres]]:
+    """A primary and a synchronous streaming standby (as Patroni's synchronous_mode keeps
+    them), removed afterwards, also when starting them fails."""
+    require_binaries()
+    with tempfile.TemporaryDirectory(prefix="im-pg-pair-") as tmp:
+        os.chmod(tmp, 0o755)
+        primary = Postgres(Path(tmp) / "pg1", fsync=False)
+        standby = Postgres(Path(tmp) / "pg2", fsync=False, standby_of=primary)
+        try:
+            primary.start()
+            standby.start()
+            primary.sql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            primary.sql("SELECT pg_reload_conf()")
+            deadline = time.monotonic() + 30
+            while primary.sql("SELECT string_agg(sync_state, ',') FROM pg_stat_replication") \
+                    != "sync":
+                assert time.monotonic() < deadline, "standby not synchronous within 30s"
+                time.sleep(0.1)
+            yield primary, standby
+        finally:
+            standby.stop()
+            primary.stop()
+
+
+def _ready_sync(server: ServerProcess) -> int:
+    try:
+        with urllib.request.urlopen(server.url + "/readyz", timeout=3) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def _ready(server: ServerProcess) -> int:
+    return await asyncio.to_thread(_ready_sync, server)
+
+
+async def test_postgres_standby_promoted_writes_recover(pg_pair: tuple[Postgres, Postgres]) -> None:
+    """The DSN lists the standby first: migrations, the pool and the writer still land on
+    the primary. The primary dies (immediate shutdown, no checkpoint) under a stream of
+    sends, then the standby is promoted: sends fail `unavailable` meanwhile, then succeed
+    through the same server process, and every acked message is stored once."""
+    primary, standby = pg_pair
+    dsn = (f"postgresql://im@{standby.address},{primary.address}/im"
+           "?target_session_attrs=read-write")
+    with Stack(database_url=dsn, fsync=False, extra_env=FAST) as st:
+        node = st.add_server()  # IM_MIGRATE_ON_START: the migrations ran through that DSN
+        (a_name, _), (b_name, b_id) = [await make_user(st, node.url) for _ in range(2)]
+        a = await login(node.url, a_name)
+        b = await login(node.url, b_name)
+        conv = await a.direct(b_id)
+        stream = _Stream(a, b, conv)
+        first = await a.send(conv, "before")
+        stream.acked[first.cid] = first.seq
+        assert primary.sql("SELECT count(*) FROM messages") == "1"
+        assert standby.sql("SELECT pg_is_in_recovery()") == "t"
+        acked_at: list[float] = []
+        sender = asyncio.create_task(stream.send())
+        try:
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(primary.stop, immediate=True)
+            killed_at = time.monotonic()
+            with pytest.raises(ImError) as err:
+                await a.send(conv, "during", cid="during-1", attempts=1, timeout=10)
+            assert "unavailable" in str(err.value), err.value
+            assert await _ready(node) == 503
+            await asyncio.sleep(2.0)  # no primary for a while, as until Patroni promotes
+            acked_before = len(stream.acked)
+            await asyncio.to_thread(standby.promote)
+            promoted_at = time.monotonic()
+            while len(stream.acked) == acked_before:
+                assert time.monotonic() - promoted_at < 30, "no send acked after the promotion"
+                await asyncio.sleep(0.05)
+            acked_at.append(time.monotonic())
+            await _wait_for("/readyz 200 again", lambda: _ready_sync(node) == 200, 30)
+            ready_at = time.monotonic()
+            ack = await a.send(conv, "during", cid="during-1", attempts=10)
+            stream.acked[ack.cid] = ack.seq
+            await asyncio.sleep(1.0)
+            stream.stop.set()
+            await asyncio.wait_for(sender, 30)
+        finally:
+            sender.cancel()
+        stored = await b.history(conv, limit=1000)
+        # every ack is there, once, with the seq it was acked with, and no gap in between
+        assert {m.cid: m.seq for m in stored} == stream.acked
+        assert [m.seq for m in stored] == list(range(1, len(stored) + 1))
+        assert standby.sql("SELECT count(*) FROM messages") == str(len(stored))
+        print(f"\npostgres failover: primary down {promoted_at - killed_at:.1f}s before the"
+              f" promotion; first send acked {acked_at[0] - promoted_at:.2f}s after it,"
+              f" /readyz 200 after {ready_at - promoted_at:.2f}s;"
+              f" {len(stored)} messages stored, all acked ones present")
+        await a.close()
+        await b.close()
