@@ -16,7 +16,7 @@ from im_helpers import login, make_user
 
 from im_server.localstack import ServerProcess, Stack
 from im_server.server import MAX_STRIKES
-from im_server.settings import SettingsError, load_settings
+from im_server.settings import SettingsError, load_settings, sentinel_addresses
 
 
 async def _get(url: str) -> tuple[int, bytes]:
@@ -122,3 +122,21 @@ def test_settings_file_then_environment(tmp_path: Path) -> None:
     path.write_text("IM_DATABASE_URL\n")
     with pytest.raises(SettingsError, match=r"im.env:1: expected KEY=value"):
         load_settings({"IM_CONFIG_FILE": str(path)})
+
+
+def test_sentinel_settings() -> None:
+    base = {"IM_DATABASE_URL": "postgresql://db/im", "IM_REDIS_URL": "rediss://u:p@x:6379/0",
+            "IM_ADMIN_TOKEN": "a", "IM_TOKEN_SECRET": "s"}
+    plain = load_settings(base)
+    assert (plain.redis_sentinels, plain.redis_sentinel_master) == ("", "imcloud")
+    assert sentinel_addresses(plain.redis_sentinels) == []
+    ha = load_settings({**base, "IM_REDIS_SENTINELS": "10.0.0.1:26379, 10.0.0.2:26379,[::1]:26380",
+                        "IM_REDIS_SENTINEL_PASSWORD": "pw"})
+    assert sentinel_addresses(ha.redis_sentinels) == [
+        ("10.0.0.1", 26379), ("10.0.0.2", 26379), ("::1", 26380)]
+    assert ha.redis_sentinel_password == "pw"
+    for bad in ("10.0.0.1", "10.0.0.1:sentinel", ":26379", "h:0"):
+        with pytest.raises(SettingsError, match="IM_REDIS_SENTINELS: expected host:port"):
+            load_settings({**base, "IM_REDIS_SENTINELS": bad})
+    with pytest.raises(SettingsError, match="IM_REDIS_HEALTH_TIMEOUT_S"):
+        load_settings({**base, "IM_REDIS_HEALTH_TIMEOUT_S": "0"})
