@@ -269,16 +269,21 @@ class RedisHA:
             "IM_REDIS_SENTINEL_PASSWORD": self.sentinel_password,
         }
 
+    def _sentinel(self, sentinel: Redis) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=sentinel.port, ssl=True,
+                           ssl_ca_certs=str(self.tls.ca), password=self.sentinel_password,
+                           socket_timeout=1, socket_connect_timeout=1)
+
     def _sentinel_state(self, sentinel: Redis) -> dict[str, Any]:
-        client = redis.Redis(host="127.0.0.1", port=sentinel.port, ssl=True,
-                             ssl_ca_certs=str(self.tls.ca), password=self.sentinel_password,
-                             socket_timeout=1, socket_connect_timeout=1)
-        try:
+        with self._sentinel(sentinel) as client:
             state = client.sentinel_master(self.MASTER)
             assert isinstance(state, dict)
             return state
-        finally:
-            client.close()
+
+    def switchover(self) -> None:
+        """``SENTINEL FAILOVER``: a replica becomes master, the old master its replica."""
+        with self._sentinel(self.sentinels[0]) as client:
+            client.sentinel_failover(self.MASTER)
 
     def master_port(self) -> int | None:
         """The master port most Sentinels answer (None while they disagree or are down)."""

@@ -93,11 +93,12 @@ async def _streams(stack: Stack) -> list[_Stream]:
     return streams
 
 
-@pytest.mark.parametrize("fault", ["freeze", "kill"])
+@pytest.mark.parametrize("fault", ["freeze", "kill", "switchover"])
 async def test_redis_master_lost_fan_out_follows_sentinel(redis_ha: RedisHA, fault: str) -> None:
     """The master that holds both nodes' subscriptions is frozen with SIGSTOP (its sockets
-    stay open and silent) or killed; the Sentinels promote the replica. Both nodes move
-    to it on their own, and every acked message reaches its receiver, in order, once."""
+    stay open and silent), killed, or demoted by a Sentinel switchover (it stays up as a
+    replica); the replica becomes master. Both nodes move to it on their own, and every
+    acked message reaches its receiver, in order, once."""
     with Stack(redis_url=redis_ha.url, fsync=False, extra_env={**FAST, **redis_ha.env()}) as st:
         st.add_server()
         st.add_server()
@@ -107,7 +108,11 @@ async def test_redis_master_lost_fan_out_follows_sentinel(redis_ha: RedisHA, fau
             await asyncio.sleep(1.0)
             old = redis_ha.master_port()
             assert old is not None
-            redis_ha.server(old).signal(signal.SIGSTOP if fault == "freeze" else signal.SIGKILL)
+            if fault == "switchover":
+                await asyncio.to_thread(redis_ha.switchover)
+            else:
+                redis_ha.server(old).signal(signal.SIGSTOP if fault == "freeze" else
+                                            signal.SIGKILL)
             frozen_at = time.monotonic()
             promoted = await _wait_for("a replica promoted",
                                        lambda: redis_ha.master_port() not in (None, old), 60)
