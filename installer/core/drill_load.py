@@ -11,8 +11,10 @@ once, so a retry never makes a second message.
 
 Both devices ping every :data:`PING_INTERVAL_S`; one that misses
 :data:`STALE_PINGS` pings in a row is replaced by a new connection with the same
-tokens and receive positions (what a client's heartbeat does: a socket through a
-host that vanished without a reset would otherwise wait for TCP to give up).
+tokens and receive positions, tried once a second (each try bounded by
+:data:`CONNECT_TIMEOUT_S`) until one works. That is what a client's heartbeat
+does: im_server.client reconnects only when its socket closes, and a socket
+through a host that vanished without a reset would wait for TCP to give up.
 
 Everything is recorded in a :class:`Timeline` (seconds since the load started);
 :func:`measure` turns it into the drill's figures and is pure.
@@ -342,7 +344,11 @@ class Load:
         new = Client(urls[first], old.access_token, refresh_token=old.refresh_token,
                      user_id=old.user_id, device_id=old.device_id, **options)
         new.tracker = SeqTracker(old.tracker.positions())
-        await asyncio.wait_for(new.connect(), CONNECT_TIMEOUT_S)
+        try:
+            await asyncio.wait_for(new.connect(), CONNECT_TIMEOUT_S)
+        except BaseException:
+            self._spawn(self._close_quietly(new))
+            raise
         self._retired.append(old)
         self._spawn(self._close_quietly(old))
         return new
@@ -431,23 +437,23 @@ class Load:
                 )
 
     async def _watch(self, device: str) -> None:
-        """Ping the device; after STALE_PINGS misses open a new connection; record node
-        changes (the client's own reconnects and ours)."""
+        """Ping the device; after STALE_PINGS misses in a row open new connections (one per
+        PING_INTERVAL_S) until one works; record node changes (the client's own reconnects
+        and ours)."""
         misses = 0
-        client = getattr(self, device)
-        node = client.node
+        node = getattr(self, device).node
         while True:
             await asyncio.sleep(PING_INTERVAL_S)
             client = getattr(self, device)
-            try:
-                await asyncio.wait_for(client.ping(ATTEMPT_TIMEOUT_S), ATTEMPT_TIMEOUT_S + 0.5)
-                misses = 0
-            except (ImError, TimeoutError, aiohttp.ClientError, OSError, AssertionError):
-                misses += 1
-            if client.node != node:
-                node = client.node
-                self.timeline.reconnects.append(Reconnect(self.now(), device, node, False))
             if misses < STALE_PINGS:
+                try:
+                    await asyncio.wait_for(client.ping(ATTEMPT_TIMEOUT_S), ATTEMPT_TIMEOUT_S + 0.5)
+                    misses = 0
+                except (ImError, TimeoutError, aiohttp.ClientError, OSError, AssertionError):
+                    misses += 1
+                if client.node != node:
+                    node = client.node
+                    self.timeline.reconnects.append(Reconnect(self.now(), device, node, False))
                 continue
             try:
                 new = await self._reopen(client)
