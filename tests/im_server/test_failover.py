@@ -19,7 +19,7 @@ import pytest
 from im_helpers import FAST, login, make_user, require_binaries
 
 from im_server.client import Client, ImError
-from im_server.localstack import Postgres, RedisHA, ServerProcess, Stack
+from im_server.localstack import Postgres, RedisHA, ServerProcess, Stack, free_port
 
 SEND_EVERY = 0.1
 MAX_SENDS = 600  # per sender: a bound on the whole test, never reached when things work
@@ -187,12 +187,14 @@ async def _ready(server: ServerProcess) -> int:
 
 
 async def test_postgres_standby_promoted_writes_recover(pg_pair: tuple[Postgres, Postgres]) -> None:
-    """The DSN lists the standby first: migrations, the pool and the writer still land on
-    the primary. The primary dies (immediate shutdown, no checkpoint) under a stream of
-    sends, then the standby is promoted: sends fail `unavailable` meanwhile, then succeed
-    through the same server process, and every acked message is stored once."""
+    """The DSN lists a dead host and the standby first: migrations, the pool and the
+    writer still land on the primary. The primary dies (immediate shutdown, no
+    checkpoint) under a stream of sends, then the standby is promoted: sends fail
+    `unavailable` meanwhile, then succeed through the same server process, and every
+    acked message is stored once."""
     primary, standby = pg_pair
-    dsn = (f"postgresql://im@{standby.address},{primary.address}/im"
+    # first a host where nothing listens (a lost db host), then the standby
+    dsn = (f"postgresql://im@127.0.0.1:{free_port()},{standby.address},{primary.address}/im"
            "?target_session_attrs=read-write")
     with Stack(database_url=dsn, fsync=False, extra_env=FAST) as st:
         node = st.add_server()  # IM_MIGRATE_ON_START: the migrations ran through that DSN
