@@ -56,8 +56,11 @@ MESSAGE_DEADLINE_S = 60.0
 PING_INTERVAL_S = 1.0
 STALE_PINGS = 2
 CONNECT_TIMEOUT_S = 10.0
-#: Connections a device may open to land on the wanted app node (nginx picks the node).
-PLACEMENT_ATTEMPTS = 16
+#: Connections a device may open to land on the wanted app node (nginx picks the node),
+#: one every PLACEMENT_PAUSE_S: long enough to outlast nginx's fail_timeout for a node
+#: that has just come back.
+PLACEMENT_ATTEMPTS = 30
+PLACEMENT_PAUSE_S = 0.5
 #: Upper bounds of the end phase: in-flight sends finishing, the receiver catching up.
 DRAIN_TIMEOUT_S = 20.0
 CATCH_UP_TIMEOUT_S = 15.0
@@ -325,10 +328,12 @@ class Load:
         for _ in range(PLACEMENT_ATTEMPTS):
             if sender_on is None or self.sender.node == sender_on:
                 break
+            await asyncio.sleep(PLACEMENT_PAUSE_S)
             self.sender = await self._reopen(self.sender)
         for _ in range(PLACEMENT_ATTEMPTS):
             if receiver_off is None or self.receiver.node != receiver_off:
                 break
+            await asyncio.sleep(PLACEMENT_PAUSE_S)
             self.receiver = await self._reopen(self.receiver)
         return self.sender.node, self.receiver.node
 
