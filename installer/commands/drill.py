@@ -80,8 +80,8 @@ def _figures(s: dict[str, Any]) -> Table:
     table.add_column("value")
     rows = [
         ("broken", f"{s['target']} ({s['mode']}) on {s['host']}"),
-        ("detection", f"{fmt(s['detection_s'], 's')} ({s['detection']})"),
-        ("RTO", f"{fmt(s['rto_s'], 's')} (first failed send to the first acked send after it)"),
+        ("detection", f"{fmt(s['detection_s'], 's', 2)} ({s['detection']})"),
+        ("RTO", f"{fmt(s['rto_s'], 's', 2)} (first failed send to the first acked send after it)"),
         ("messages", f"sent {s['sent']}, acked {s['acked']}, delivered {s['delivered']}"),
         ("acked but lost", str(s["acked_lost"])),
         ("duplicates / reordered", f"{s['duplicates']} / {s['reordered']}"),
@@ -123,7 +123,7 @@ def report(cloud: CloudDir = DEFAULT_CLOUD_DIR, json_output: JsonOutput = False)
         table.add_column(column)
     for d in result.drills:
         table.add_row(
-            d["id"], d["host"], fmt(d["detection_s"], "s"), fmt(d["rto_s"], "s"),
+            d["id"], d["host"], fmt(d["detection_s"], "s", 2), fmt(d["rto_s"], "s", 2),
             f"{d['sent']}/{d['acked']}", str(d["acked_lost"]),
             f"{d['duplicates']}/{d['reordered']}", fmt(d["p99_fault_ms"], "ms", 0),
             "[green]passed[/]" if d["ok"] else "[bold red]FAILED[/]",

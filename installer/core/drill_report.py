@@ -124,7 +124,8 @@ def plot(summary: dict[str, Any], timeline: Timeline, path: Path) -> None:
         sent[slot] += 1
         if not attempt.ok:
             failed[slot] += 1
-    bottom.bar(seconds, sent, width=1.0, align="edge", color="#c7c7c7", label="attempts (with retries)")
+    bottom.bar(seconds, sent, width=1.0, align="edge", color="#c7c7c7",
+               label="attempts (with retries)")
     bottom.bar(seconds, failed, width=1.0, align="edge", color="#d62728", label="failed attempts")
     bottom.set_ylabel("per second")
     bottom.set_xlabel("seconds since the load started")
@@ -144,13 +145,13 @@ def plot(summary: dict[str, Any], timeline: Timeline, path: Path) -> None:
     top.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, fontsize=8, frameon=False)
     bottom.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     verdict = "PASSED" if summary.get("ok") else "FAILED"
-    rto = fmt(summary.get("rto_s"), "s")
+    rto = fmt(summary.get("rto_s"), "s", 2)
     if summary.get("failed_attempts") == 0:
         rto += " (no send failed)"
     fig.suptitle(
         f"imcloud drill {summary['id']}: {summary['target']} ({summary['mode']}) on "
         f"{summary['host']}, {summary['domain']} - {verdict}\n"
-        f"detection {fmt(summary.get('detection_s'), 's')}, RTO {rto}, "
+        f"detection {fmt(summary.get('detection_s'), 's', 2)}, RTO {rto}, "
         f"sent {summary['sent']}, acked {summary['acked']}, delivered {summary['delivered']}, "
         f"acked-but-lost {summary['acked_lost']}, duplicates {summary['duplicates']}, "
         f"reordered {summary['reordered']}, p99 around the fault "
