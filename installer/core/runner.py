@@ -84,6 +84,9 @@ class RunState:
         with self.lock:
             if kind in ("playbook_on_task_start", "runner_on_start"):
                 self._touch_phase(phase)
+            if kind == "playbook_on_stats":
+                self._count_hidden_changes(data.get("changed") or {})
+                return
             host = self.hosts.setdefault(host_name, HostState(host_name)) if host_name else None
             if host is None:
                 return
@@ -107,6 +110,17 @@ class RunState:
                 self.failures.append(
                     Failure(host_name, data.get("task", ""), _failure_message(data))
                 )
+
+
+    def _count_hidden_changes(self, changed: dict[str, int]) -> None:
+        """A `no_log` task's result arrives censored, `changed` included; the play's final
+        stats still count it. Lock held by the caller."""
+        for name, count in changed.items():
+            host = self.hosts.setdefault(name, HostState(name))
+            hidden = count - host.changed
+            if hidden > 0:
+                host.changed = count
+                self.changes.append((name, f"{hidden} task(s) whose result is hidden (no_log)"))
 
 
 def _failure_message(data: dict[str, Any]) -> str:

@@ -50,3 +50,17 @@ def test_events_of_unknown_hosts_are_tracked_not_dropped() -> None:
     state = RunState(hosts={})
     state.apply(_event("runner_on_ok", "localhost", res={"changed": True}))
     assert state.hosts["localhost"].changed == 1
+
+
+def test_a_change_hidden_by_no_log_is_counted_from_the_final_stats() -> None:
+    state = RunState(hosts={"db1": HostState("db1"), "db2": HostState("db2")})
+    censored = {"censored": "the output has been hidden due to 'no_log: true'"}
+    state.apply(_event("runner_on_ok", "db1", role="patroni", task="Set passwords", res=censored))
+    state.apply(_event("runner_on_ok", "db2", role="patroni", task="Write", res={"changed": True}))
+    assert state.hosts["db1"].changed == 0
+    state.apply(_event("playbook_on_stats", changed={"db1": 1, "db2": 1}))
+    assert (state.hosts["db1"].changed, state.hosts["db2"].changed) == (1, 1)
+    assert state.changes == [
+        ("db2", "Write"),
+        ("db1", "1 task(s) whose result is hidden (no_log)"),
+    ]
