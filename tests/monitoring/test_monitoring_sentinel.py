@@ -132,14 +132,14 @@ def _settings(path: Path) -> dict[str, str]:
     return out
 
 
-def test_rendered_postgres_exporter_reaches_the_local_server_on_the_internal_address(
+def test_rendered_postgres_exporter_reaches_the_local_server_on_every_db_host(
     tmp_path: Path,
 ) -> None:
-    """Patroni's PostgreSQL listens on the internal address, not loopback (docs/ha.md)."""
+    """Primary or replica, each db host's exporter reports its own PostgreSQL (loopback, TLS)."""
     out = _render_exporters(tmp_path, tmp_path / "ca.crt", 26379)
-    for name, address in HOSTS.items():
+    for name in HOSTS:
         dsn = _settings(out / name / "prometheus-postgres-exporter.default")["DATA_SOURCE_NAME"]
-        assert f"@{address}:5432/postgres?sslmode=verify-full" in dsn
+        assert "@127.0.0.1:5432/postgres?sslmode=verify-full&sslrootcert=" in dsn
     unit = (out / "node1" / "prometheus-redis-sentinel-exporter.service").read_text()
     assert "EnvironmentFile=/etc/default/prometheus-redis-sentinel-exporter" in unit
 
