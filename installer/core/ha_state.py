@@ -64,6 +64,8 @@ HA_UNITS: dict[str, tuple[str, ...]] = {
     "lb": ("keepalived.service",),
 }
 
+REPLICA_STATES = ("running", "streaming")
+
 _SCRIPT_HEAD = "export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
 
 
@@ -269,9 +271,21 @@ def patroni_problems(members: list[PatroniMember], db_hosts: Iterable[str]) -> l
             f"Patroni: {len(leaders)} leaders ({', '.join(m.name for m in leaders) or 'none'})"
         )
     for member in members:
-        want = "running" if member.role == "leader" else "streaming"
-        if member.state != want:
-            problems.append(f"Patroni: {member.name} ({member.role}) is {member.state}, not {want}")
+        if member.role == "leader":
+            if member.state != "running":
+                problems.append(f"Patroni: {member.name} (leader) is {member.state}, not running")
+        # Patroni 3.0 (Debian 12) says "running" for a replica where later releases say
+        # "streaming"; there, only a lag it can compute ("Lag in MB" not "unknown")
+        # shows that the replica replays from the leader.
+        elif member.state == "running" and member.lag_mb is None:
+            problems.append(
+                f"Patroni: {member.name} ({member.role}) is running with unknown lag, "
+                "not streaming"
+            )
+        elif member.state not in REPLICA_STATES:
+            problems.append(
+                f"Patroni: {member.name} ({member.role}) is {member.state}, not streaming"
+            )
     if leaders and not any(m.role == "sync_standby" for m in members):
         problems.append("Patroni: no synchronous standby")
     return problems

@@ -41,6 +41,15 @@ PATRONI = json.dumps([
     {"Cluster": "imcloud", "Member": "n3", "Host": "10.0.0.3", "Role": "Replica",
      "State": "streaming", "TL": 3, "Lag in MB": "unknown"},
 ])  # fmt: skip
+# What Patroni 3.0.2 (Debian 12) lists: replicas are "running"; a lag shows they replay.
+PATRONI_30 = json.dumps([
+    {"Cluster": "imcloud", "Member": "n1", "Host": "10.0.0.1", "Role": "Leader",
+     "State": "running", "TL": 1},
+    {"Cluster": "imcloud", "Member": "n2", "Host": "10.0.0.2", "Role": "Sync Standby",
+     "State": "running", "TL": 1, "Lag in MB": 0},
+    {"Cluster": "imcloud", "Member": "n3", "Host": "10.0.0.3", "Role": "Replica",
+     "State": "running", "TL": 1, "Lag in MB": "unknown"},
+])  # fmt: skip
 IP_BR = (
     "lo               UNKNOWN        127.0.0.1/8 ::1/128 \n"
     "eth0@if24        UP             10.0.0.1/24 10.0.0.100/32 fe80::1/64 \n"
@@ -189,3 +198,11 @@ def test_the_sentinel_password_goes_through_the_environment_quoted() -> None:
         script
     )
     assert " -a " not in script and "--pass" not in script
+
+
+def test_patroni_30_replicas_are_running_and_healthy_only_with_a_known_lag() -> None:
+    members = ha_state.parse_patroni_members(PATRONI_30)
+    assert ha_state.patroni_problems(members[:2], ["n1", "n2"]) == []
+    assert ha_state.patroni_problems(members, ["n1", "n2", "n3"]) == [
+        "Patroni: n3 (replica) is running with unknown lag, not streaming"
+    ]
