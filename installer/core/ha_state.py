@@ -53,7 +53,7 @@ PATRONI_CONFIG = "/etc/patroni/config.yml"
 CA_FILE = "/etc/imcloud/tls/ca.crt"
 SSH_TIMEOUT_S = 20
 
-#: Units per role whose state the probe reports; ``ha_only`` ones only on profile ha.
+#: Units per role whose state the probe reports (HA_UNITS too on profile ha).
 UNITS: dict[str, tuple[str, ...]] = {
     "app": ("imcloud-im-server.service",),
     "lb": ("nginx.service",),
