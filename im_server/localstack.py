@@ -159,6 +159,22 @@ class Postgres:
         subprocess.run([*self._as, str(PG_BIN / "pg_ctl"), "promote", "-w", "-t", "30",
                         "-D", str(self.data)], check=True, capture_output=True)
 
+    def freeze(self, frozen: bool = True) -> None:
+        """SIGSTOP (or SIGCONT) the postmaster and every backend: open sockets go silent,
+        as with a host cut off by a partition. (Each backend is a session of its own,
+        so not reached by a signal to the postmaster's group.)"""
+        if not self.proc or self.proc.poll() is not None:
+            return
+        sig = signal.SIGSTOP if frozen else signal.SIGCONT
+        os.kill(self.proc.pid, sig)  # first: a stopped postmaster forks no more backends
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+                if ppid == self.proc.pid:
+                    os.kill(int(stat.parent.name), sig)
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+
     def stop(self, *, immediate: bool = False) -> None:
         """Fast shutdown; ``immediate``: no shutdown checkpoint, as a crash leaves it."""
         if self.proc and self.proc.poll() is None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import asyncpg
 
+from .storage import Primary
+
 __all__ = ["MIGRATIONS_DIR", "Migration", "applied_versions", "available", "migrate"]
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -45,7 +47,7 @@ async def applied_versions(conn: asyncpg.Connection) -> set[int]:
 async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     """Apply every migration not applied yet, each in its own transaction; return them."""
     pending = available(directory)
-    conn = await asyncpg.connect(dsn)
+    conn = await Primary(dsn).connect()
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
         try:

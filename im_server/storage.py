@@ -19,7 +19,7 @@ log = logging.getLogger("im_server.storage")
 __all__ = ["Conflict", "Forbidden", "NotFound", "Send", "Storage", "Writer"]
 
 MAX_BATCH = 500
-CONNECT_TIMEOUT_S = 5.0  # one connect, every host of a multi-host DSN included
+HOST_TIMEOUT_S = 3.0  # one host's connect; a multi-host DSN tries the next after that
 RECONNECT_MAX_S = 2.0  # the writer's backoff after a failed connect grows up to this
 # The database is not reachable or not writable (a failover): the sends are answered
 # `unavailable`, the connection is dropped and a new one goes to the host now read-write.
@@ -43,34 +43,76 @@ def _ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def host_dsns(dsn: str) -> list[str]:
+    """One DSN per host of a multi-host DSN (``postgresql://u:p@h1:5432,h2:5432/db?...``),
+    each with the same user, database and parameters; a single-host DSN as it is."""
+    scheme, sep, rest = dsn.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not sep or "," not in hosts:
+        return [dsn]
+    return [f"{scheme}://{userinfo}{at}{host}{slash}{tail}" for host in hosts.split(",")]
+
+
+class Primary:
+    """Connects to the first host of a (multi-host) DSN that qualifies (with
+    ``target_session_attrs=read-write``: takes writes), starting with the last one that did.
+
+    Not asyncpg's own multi-host connect: its timeout covers all hosts together, so one
+    host that drops packets (partitioned, frozen) would use it up on every connect and
+    the hosts after it, the new primary among them, would never be tried.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self.dsns = host_dsns(dsn)
+        self.last = 0
+
+    async def connect(self, *_dsn: object, **kwargs: Any) -> asyncpg.Connection:
+        """``asyncpg.connect`` (also as the pool's ``connect``, which passes its DSN first)."""
+        error: BaseException | None = None
+        for i in range(len(self.dsns)):
+            index = (self.last + i) % len(self.dsns)
+            try:
+                conn = await asyncpg.connect(self.dsns[index], **{"timeout": HOST_TIMEOUT_S,
+                                                                  **kwargs})
+            except _UNAVAILABLE as exc:
+                error = exc
+                continue
+            self.last = index
+            return conn
+        assert error is not None
+        raise error
+
+
 class Storage:
     """Every SQL statement of the server lives here.
 
     The DSN may list several hosts (``postgresql://u:p@h1:5432,h2:5432/db?
-    target_session_attrs=read-write``): asyncpg tries them in order and keeps the first
-    that takes writes, for each new connection. A connection that breaks in a failover
-    is dropped (the pool's on its next use), so new ones find the new primary.
+    target_session_attrs=read-write``): each new connection goes to the one that takes
+    writes (see :class:`Primary`). A connection that breaks in a failover is dropped
+    (the pool's on its next use), so new ones find the new primary.
     """
 
-    def __init__(self, pool: asyncpg.Pool, metrics: Metrics, dsn: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, metrics: Metrics, primary: Primary) -> None:
         self.pool = pool
         self.metrics = metrics
-        self.dsn = dsn
+        self.primary = primary
 
     @classmethod
     async def open(cls, dsn: str, size: int, metrics: Metrics) -> Storage:
+        primary = Primary(dsn)
         pool = await asyncpg.create_pool(
             dsn, min_size=1, max_size=size, command_timeout=10, max_inactive_connection_lifetime=60,
-            timeout=CONNECT_TIMEOUT_S,
+            connect=primary.connect,
         )
-        return cls(pool, metrics, dsn)
+        return cls(pool, metrics, primary)
 
     async def connect(self) -> asyncpg.Connection:
         """A connection of its own, outside the pool, for a caller that keeps it (the writer).
 
         The pool's release runs a reset query: one more round trip per commit.
         """
-        return await asyncpg.connect(self.dsn, command_timeout=10, timeout=CONNECT_TIMEOUT_S)
+        return await self.primary.connect(command_timeout=10)
 
     async def close(self) -> None:
         await asyncio.wait_for(self.pool.close(), 5)

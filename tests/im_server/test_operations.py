@@ -17,6 +17,7 @@ from im_helpers import login, make_user
 from im_server.localstack import ServerProcess, Stack
 from im_server.server import MAX_STRIKES
 from im_server.settings import SettingsError, load_settings, sentinel_addresses
+from im_server.storage import host_dsns
 
 
 async def _get(url: str) -> tuple[int, bytes]:
@@ -140,3 +141,14 @@ def test_sentinel_settings() -> None:
             load_settings({**base, "IM_REDIS_SENTINELS": bad})
     with pytest.raises(SettingsError, match="IM_REDIS_HEALTH_TIMEOUT_S"):
         load_settings({**base, "IM_REDIS_HEALTH_TIMEOUT_S": "0"})
+
+
+def test_host_dsns_split_a_multi_host_dsn() -> None:
+    multi = "postgresql://im:p%40w@h1:5432,h2,[::1]:5433/imcloud?target_session_attrs=read-write"
+    assert host_dsns(multi) == [
+        "postgresql://im:p%40w@h1:5432/imcloud?target_session_attrs=read-write",
+        "postgresql://im:p%40w@h2/imcloud?target_session_attrs=read-write",
+        "postgresql://im:p%40w@[::1]:5433/imcloud?target_session_attrs=read-write",
+    ]
+    for single in ("postgresql://im@%2Ftmp%2Fpg:5432/im", "postgresql:///im?host=/run/pg"):
+        assert host_dsns(single) == [single]
