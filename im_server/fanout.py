@@ -118,6 +118,7 @@ def redis_client(settings: Settings) -> aioredis.Redis:
         sentinels,
         sentinel_kwargs={
             **common, "socket_timeout": 1, "socket_connect_timeout": 1, "ssl": True,
+            "ssl_ca_certs": settings.tls_ca_file,
             "password": settings.redis_sentinel_password or None,
         },
     )
