@@ -217,9 +217,13 @@ def _prometheus_args(d: Path, port: int, exporter_port: int) -> list[str]:
         "scrape_configs": [{"job_name": "sentinel", "static_configs": targets}],
     }
     (d / "prometheus.yml").write_text(yaml.safe_dump(config))
+    consoles = d / "consoles"
+    consoles.mkdir()
+    shutil.copy(ROOT / "monitoring/consoles/imcloud.html", consoles)
     return [
         "prometheus", f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}", f"--web.external-url=http://127.0.0.1:{port}/prometheus/",
+        f"--web.console.templates={consoles}", f"--web.console.libraries={consoles}",
     ]  # fmt: skip
 
 
@@ -253,6 +257,10 @@ def test_sentinel_exporter_and_status_follow_a_failover(tmp_path: Path) -> None:
                 return masters if list(masters.values()) == [everyone] else None
 
             assert _wait_for("every Sentinel names node1", named_by_all) == {"node1": everyone}
+            with urllib.request.urlopen(f"{base}/consoles/imcloud.html", timeout=10) as resp:
+                page = resp.read().decode()
+            assert f"<td>{HOSTS['node1']}:{redis_port} (named by 3 Sentinels)</td>" in page
+            assert "error executing template" not in page
 
             # Sentinels learn replicas from the master's INFO (every 10 s): one they
             # do not know yet could not be promoted.
