@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Console
+
+from installer.commands.status import _ha_table
 from installer.core.status import FIGURES, HaRoles, ha_roles
 
 NAMES = {"10.0.0.1": "node1", "10.0.0.2": "node2", "10.0.0.3": "node3"}
@@ -71,3 +74,16 @@ def test_an_address_outside_the_cloud_is_shown_as_is() -> None:
 def test_patroni_rows_show_each_member_s_role() -> None:
     (_, _, role), = [f for f in FIGURES["patroni"] if f[0] == "role"]
     assert [role(v) for v in (2.0, 1.0, 0.0)] == ["primary", "sync standby", "replica"]
+
+
+def test_the_table_names_holders_and_problems() -> None:
+    console = Console(width=200, record=True)
+    roles = HaRoles(["node2"], [], {"node1": ["node1", "node3"], "node2": ["node2"]})
+    console.print(_ha_table(roles))
+    text = console.export_text()
+    assert "PostgreSQL primary" in text and "node2" in text
+    assert "Sentinels node1, node3" in text
+    assert "0 synchronous standbys (Patroni)" in text
+    assert "the Sentinels name 2 Redis masters" in text
+    console.print(_ha_table(HaRoles([], [], {})))
+    assert "no Sentinel sees a reachable Redis master" in console.export_text()
