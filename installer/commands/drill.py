@@ -83,7 +83,7 @@ def _figures(s: dict[str, Any]) -> Table:
         ("detection", f"{fmt(s['detection_s'], 's', 2)} ({s['detection']})"),
         ("RTO", f"{fmt(s['rto_s'], 's', 2)} (first failed send to the first acked send after it)"),
         ("messages", f"sent {s['sent']}, acked {s['acked']}, delivered {s['delivered']}"),
-        ("acked but lost", str(s["acked_lost"])),
+        ("acked but lost", "unknown" if s["acked_lost"] is None else str(s["acked_lost"])),
         ("duplicates / reordered", f"{s['duplicates']} / {s['reordered']}"),
         ("failed attempts", str(s["failed_attempts"])),
         (

@@ -33,6 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
+import aiohttp
+
+from im_server.client import ImError
 from installer.core import ha_state
 from installer.core.cloud import Cloud, Host
 from installer.core.config import Role, survival_problems
@@ -313,13 +316,15 @@ def app_detection(timeline: Timeline, fault_at: float, broken: str) -> float | N
     return min(moments, default=None)
 
 
-def judge(result: DrillResult, restore_problem: str) -> list[str]:
+def judge(result: DrillResult, restore_problem: str, audit_error: str = "") -> list[str]:
     """What went wrong in a finished drill (empty: it passed)."""
     f = result.figures
     problems = []
     if restore_problem:
         problems.append(restore_problem)
-    if f.acked_lost:
+    if f.acked_lost is None:
+        problems.append(f"the server's history could not be read after recovery ({audit_error})")
+    elif f.acked_lost:
         problems.append(f"{f.acked_lost} acked message(s) missing from the server's history")
     if f.duplicates:
         problems.append(f"{f.duplicates} duplicate(s)")
@@ -395,7 +400,11 @@ class _Drill:
             say(f"waiting for {self.host} to rejoin (at most {REJOIN_TIMEOUT_S:g} s)")
             await self._wait_rejoin(load)
             say("reading the conversation's history")
-            await load.audit()
+            audit_error = ""
+            try:
+                await load.audit()
+            except (ImError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                audit_error = str(exc) or type(exc).__name__
         timeline = load.timeline
         timeline.marks.update(
             {"fault": fault_at, "restore": restore_at, "end": load_end}
@@ -415,7 +424,7 @@ class _Drill:
             rejoined_at_s=self.rejoined_at,
             figures=measure(timeline, fault_at, restore_at + TAIL_S), timeline=timeline,
         )  # fmt: skip
-        result.problems = judge(result, self.restore_problem)
+        result.problems = judge(result, self.restore_problem, audit_error)
         if self.after is not None and self.after.problems and self.rejoined_at is None:
             result.problems += [f"after the drill: {p}" for p in self.after.problems]
         return result

@@ -65,6 +65,8 @@ PLACEMENT_PAUSE_S = 0.5
 DRAIN_TIMEOUT_S = 20.0
 CATCH_UP_TIMEOUT_S = 15.0
 HISTORY_PAGE = 1000
+AUDIT_ATTEMPTS = 4
+AUDIT_PAUSE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ class Timeline:
     acked: dict[int, int] = field(default_factory=dict)  # n -> seq
     first_sent: dict[int, float] = field(default_factory=dict)
     acked_at: dict[int, float] = field(default_factory=dict)
-    history: dict[int, list[int]] = field(default_factory=dict)  # n -> seqs stored with its cid
+    # n -> seqs stored with its cid; None until the history was read after recovery
+    history: dict[int, list[int]] | None = None
     marks: dict[str, float] = field(default_factory=dict)  # fault, detected, restore, ...
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,7 +135,9 @@ class Timeline:
             "acked": {str(k): v for k, v in self.acked.items()},
             "first_sent": {str(k): v for k, v in self.first_sent.items()},
             "acked_at": {str(k): v for k, v in self.acked_at.items()},
-            "history": {str(k): v for k, v in self.history.items()},
+            "history": None if self.history is None else {
+                str(k): v for k, v in self.history.items()
+            },
             "marks": self.marks,
         }
 
@@ -146,7 +151,9 @@ class Timeline:
             acked={int(k): v for k, v in data["acked"].items()},
             first_sent={int(k): v for k, v in data["first_sent"].items()},
             acked_at={int(k): v for k, v in data["acked_at"].items()},
-            history={int(k): v for k, v in data["history"].items()},
+            history=None if data["history"] is None else {
+                int(k): v for k, v in data["history"].items()
+            },
             marks=dict(data["marks"]),
         )
 
@@ -168,7 +175,7 @@ class Figures:
     sent: int
     acked: int
     delivered: int  # distinct messages the receiver got
-    acked_lost: int  # acked, but not in the server's history after recovery
+    acked_lost: int | None  # acked, but not in the server's history (None: history unread)
     undelivered: int  # acked, never reached the receiver
     duplicates: int  # extra copies the receiver got (or the history holds) of one message
     reordered: int  # deliveries with a lower seq than one delivered before them
@@ -217,14 +224,15 @@ def measure(timeline: Timeline, fault_at: float, window_end: float) -> Figures:
         if d.seq < top:
             reordered += 1
         top = max(top, d.seq)
+    stored = timeline.history
     duplicates = sum(c - 1 for c in received.values()) + sum(
-        len(seqs) - 1 for seqs in timeline.history.values() if len(seqs) > 1
+        len(seqs) - 1 for seqs in (stored or {}).values() if len(seqs) > 1
     )
     return Figures(
         sent=timeline.sent,
         acked=len(timeline.acked),
         delivered=len(received),
-        acked_lost=sum(1 for n in timeline.acked if n not in timeline.history),
+        acked_lost=None if stored is None else sum(1 for n in timeline.acked if n not in stored),
         undelivered=sum(1 for n in timeline.acked if n not in received),
         duplicates=duplicates,
         reordered=reordered,
@@ -454,7 +462,7 @@ class Load:
                 try:
                     await asyncio.wait_for(client.ping(ATTEMPT_TIMEOUT_S), ATTEMPT_TIMEOUT_S + 0.5)
                     misses = 0
-                except (ImError, TimeoutError, aiohttp.ClientError, OSError, AssertionError):
+                except Exception:  # any failure is a missed ping; the heartbeat must go on
                     misses += 1
                 if client.node != node:
                     node = client.node
@@ -462,7 +470,7 @@ class Load:
                 continue
             try:
                 new = await self._reopen(client)
-            except (ImError, TimeoutError, aiohttp.ClientError, OSError):
+            except Exception:  # e.g. a socket closed before its hello: try again
                 continue
             setattr(self, device, new)
             misses = 0
@@ -484,20 +492,22 @@ class Load:
 
     async def audit(self) -> None:
         """Read the conversation's whole history into ``timeline.history`` (which drill
-        message is stored under which seqs), from the first of the endpoint's URLs that
-        answers."""
+        message is stored under which seqs): up to AUDIT_ATTEMPTS tries, each through a
+        fresh connection and each of the endpoint's URLs in turn. Raises the last error."""
         assert self.sender is not None
         last: Exception | None = None
-        for url in self.endpoint.urls:
+        for attempt in range(AUDIT_ATTEMPTS):
+            url = self.endpoint.urls[attempt % len(self.endpoint.urls)]
             reader = Client(url, self.sender.access_token, refresh_token=self.sender.refresh_token,
                             reconnect=False, **self.endpoint.client_options())
             try:
                 self.timeline.history = await self._history(reader)
                 return
-            except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
+            except (ImError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 last = exc
             finally:
                 await reader.close()
+            await asyncio.sleep(AUDIT_PAUSE_S)
         assert last is not None
         raise last
 

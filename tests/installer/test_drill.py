@@ -49,7 +49,7 @@ def _cloud(data: dict[str, Any]) -> Cloud:
 
 def _timeline() -> Timeline:
     """10 msg/s; fault at 2.0 s; attempts sent 2.0-3.5 s fail, retries from 4.0 s succeed."""
-    t = Timeline()
+    t = Timeline(history={})
     for n in range(60):
         sent = n / 10
         t.sent += 1
@@ -209,6 +209,12 @@ def test_a_result_is_judged_and_serialised() -> None:
         "2 acked message(s) missing from the server's history",
         f"app1 did not rejoin as a healthy member within {drill.REJOIN_TIMEOUT_S:g} s",
     ]
+    result.timeline.history = None  # the history could not be read after recovery
+    result.figures = measure(result.timeline, 2.0, 14.0)
+    assert result.figures.acked_lost is None
+    assert drill.judge(result, "", "TimeoutError")[0] == (
+        "the server's history could not be read after recovery (TimeoutError)"
+    )
 
 
 def test_report_lists_recorded_drills_and_plots_each(tmp_path: Path) -> None:
