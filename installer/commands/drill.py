@@ -124,7 +124,7 @@ def report(cloud: CloudDir = DEFAULT_CLOUD_DIR, json_output: JsonOutput = False)
     for d in result.drills:
         table.add_row(
             d["id"], d["host"], fmt(d["detection_s"], "s", 2), fmt(d["rto_s"], "s", 2),
-            f"{d['sent']}/{d['acked']}", str(d["acked_lost"]),
+            f"{d['sent']}/{d['acked']}", "?" if d["acked_lost"] is None else str(d["acked_lost"]),
             f"{d['duplicates']}/{d['reordered']}", fmt(d["p99_fault_ms"], "ms", 0),
             "[green]passed[/]" if d["ok"] else "[bold red]FAILED[/]",
         )  # fmt: skip

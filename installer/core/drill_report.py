@@ -146,6 +146,7 @@ def plot(summary: dict[str, Any], timeline: Timeline, path: Path) -> None:
     bottom.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     verdict = "PASSED" if summary.get("ok") else "FAILED"
     rto = fmt(summary.get("rto_s"), "s", 2)
+    lost = summary["acked_lost"]
     if summary.get("failed_attempts") == 0:
         rto += " (no send failed)"
     fig.suptitle(
@@ -153,7 +154,8 @@ def plot(summary: dict[str, Any], timeline: Timeline, path: Path) -> None:
         f"{summary['host']}, {summary['domain']} - {verdict}\n"
         f"detection {fmt(summary.get('detection_s'), 's', 2)}, RTO {rto}, "
         f"sent {summary['sent']}, acked {summary['acked']}, delivered {summary['delivered']}, "
-        f"acked-but-lost {summary['acked_lost']}, duplicates {summary['duplicates']}, "
+        f"acked-but-lost {'unknown' if lost is None else lost}, "
+        f"duplicates {summary['duplicates']}, "
         f"reordered {summary['reordered']}, p99 around the fault "
         f"{fmt(summary.get('p99_fault_ms'), 'ms', 0)}",
         fontsize=10,
