@@ -25,5 +25,6 @@ def test_help_lists_every_verb() -> None:
         "users",
         "alerts",
         "quickstart",
+        "drill",
     ):
         assert verb in result.output
