@@ -12,6 +12,8 @@ APT_PACKAGES=(
     postgresql-15 redis-server
     # promtool, amtool and blackbox --config.check for the monitoring tests
     prometheus prometheus-alertmanager prometheus-blackbox-exporter
+    # profile ha's monitoring tests run a real Patroni, etcd and Sentinel exporter
+    patroni etcd-server prometheus-redis-exporter
     # controller side of TLS checks and pebble (ACME test server)
     openssl ca-certificates pebble
     python3-venv
