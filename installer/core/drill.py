@@ -27,6 +27,7 @@ import asyncio
 import datetime as dt
 import math
 import shlex
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -372,7 +373,10 @@ class _Drill:
         say("creating two drill users and connecting them through the public address")
         async with Load(self.endpoint(), token, self.id) as load:
             if plan.target == "app":
-                sender, receiver = await load.place(self.host, self.host)
+                # Without --host the sender's node is the one to break: move the
+                # receiver off it.
+                assert load.sender is not None
+                sender, receiver = await load.place(self.host, self.host or load.sender.node)
                 self.host = self.host or sender
                 if sender != self.host or receiver == self.host:
                     raise ImcloudError(
@@ -393,7 +397,9 @@ class _Drill:
                 await asyncio.sleep(max(0.0, end - load.now()))
             finally:  # also on Ctrl-C (the task is cancelled): restore first, then stop
                 if not self.fault.restored:
-                    self.restore_problem = await asyncio.to_thread(self.fault.restore)
+                    # A retry after a failed restore: the first failure still fails the drill.
+                    retried = await asyncio.to_thread(self.fault.restore)
+                    self.restore_problem = self.restore_problem or retried
                 stop.set()
                 load_end = load.now()
             await running
@@ -483,25 +489,32 @@ class _Drill:
         password = cloud.secrets()["imcloud_redis_sentinel_password"] if target == "cache" else ""
         while True:
             now = load.now()
-            if target == "db":
-                text = await asyncio.to_thread(ha_state.patroni_list, others)
-                members = ha_state.parse_patroni_members(text) if text else []
-                leaders = [m.name for m in members if m.role == "leader"]
-                moved = bool(leaders) and leaders[0] != self.old_leader
-            elif target == "cache":
-                ask = ha_state.sentinel_masters
-                master = ha_state.majority_master(
-                    await asyncio.to_thread(ask, cloud, others, password)
-                )
-                moved = master is not None and master != self.old_leader
-            else:
-                holders = await asyncio.to_thread(ha_state.floating_holders, cloud, others)
-                moved = bool(holders)
+            try:
+                moved = await self._moved(cloud, target, others, password)
+            except (ValueError, KeyError, TypeError, OSError, subprocess.SubprocessError) as exc:
+                # One unreadable answer (a host mid-failover) must not end the polling.
+                self.say(f"detection poll failed ({exc}); polling on")
+                moved = False
             if moved:
                 self.detected_at = now
                 self.say(f"detected: {DETECTION[target]} ({now:.1f} s)")
                 return
             await asyncio.sleep(POLL_S)
+
+    async def _moved(self, cloud: Cloud, target: str, others: list[Host], password: str) -> bool:
+        """Whether the part that failed over now lives on another host."""
+        if target == "db":
+            text = await asyncio.to_thread(ha_state.patroni_list, others)
+            members = ha_state.parse_patroni_members(text) if text else []
+            leaders = [m.name for m in members if m.role == "leader"]
+            return bool(leaders) and leaders[0] != self.old_leader
+        if target == "cache":
+            ask = ha_state.sentinel_masters
+            master = ha_state.majority_master(
+                await asyncio.to_thread(ask, cloud, others, password)
+            )
+            return master is not None and master != self.old_leader
+        return bool(await asyncio.to_thread(ha_state.floating_holders, cloud, others))
 
     async def _wait_rejoin(self, load: Load) -> None:
         deadline = time.monotonic() + REJOIN_TIMEOUT_S
