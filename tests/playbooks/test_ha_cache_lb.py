@@ -184,13 +184,16 @@ def _answer(stdout: str, rc: int = 0) -> dict[str, Any]:
     ("answers", "master"),
     [
         ([_answer("", 124), _answer("10.0.0.23\n6379"), _answer("10.0.0.23\n6379")], "10.0.0.23"),
-        ([_answer("NOAUTH Authentication required.", 1), _answer("10.0.0.22\n6379")], "10.0.0.22"),
+        ([_answer("10.0.0.21\n6379"), _answer("10.0.0.22\n6379"), _answer("10.0.0.22\n6379")],
+         "10.0.0.22"),
+        # one answer of three is no majority: no master from it (configure.yml refuses)
+        ([_answer("NOAUTH Authentication required.", 1), _answer("10.0.0.22\n6379")], "10.0.0.21"),
         ([_answer("", 124), _answer("", 1), {"skipped": True}], "10.0.0.21"),
         (None, "10.0.0.21"),
     ],
-    ids=["sentinels", "one-sentinel", "none-answer", "not-asked"],
+    ids=["sentinels", "majority", "one-sentinel", "none-answer", "not-asked"],
 )
-def test_redis_master_is_the_sentinels_answer_else_the_first_cache_host(
+def test_redis_master_is_the_sentinels_majority_else_the_first_cache_host(
     tmp_path: Path, answers: list[dict[str, Any]] | None, master: str
 ) -> None:
     extra = {} if answers is None else {"__redis_sentinel_answers": {"results": answers}}
