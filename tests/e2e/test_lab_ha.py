@@ -64,7 +64,10 @@ def test_verify_checks_the_ha_shape(cloud: Cloud) -> None:
 
 def test_drill_refuses_a_host_without_the_target_role(cloud: Cloud) -> None:
     with pytest.raises(ImcloudError, match="node3"):
-        run_drill(cloud, target="lb", mode="kill", host="node3", rate=DRILL_RATE, duration=10)
+        run_drill(
+            cloud, target="lb", mode="kill", host="node3", rate=DRILL_RATE,
+            duration=DRILL_DURATION_S,
+        )
     assert probe(cloud).problems == []
 
 
