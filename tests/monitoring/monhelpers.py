@@ -7,9 +7,11 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv/bin"
@@ -21,24 +23,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def inventory(app_hosts: int = 2, receivers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A cluster inventory shaped like the one `imcloud init` writes."""
-    hosts = {"lb1": "10.9.0.10", "data1": "10.9.0.20"}
-    hosts.update({f"app{i}": f"10.9.0.{30 + i}" for i in range(1, app_hosts + 1)})
-    groups = {
-        "lb": ["lb1"],
-        "app": [f"app{i}" for i in range(1, app_hosts + 1)],
-        "db": ["data1"],
-        "cache": ["data1"],
-        "monitoring": ["data1"],
-    }
+def _inventory(
+    hosts: dict[str, str], groups: dict[str, list[str]], global_vars: dict[str, Any]
+) -> dict[str, Any]:
+    """An inventory shaped like the one `imcloud init` writes."""
     return {
         "all": {
-            "vars": {
-                "imcloud_domain": "chat.example.test",
-                "imcloud_tls_mode": "provided",
-                "imcloud_alert_receivers": receivers or [],
-            },
+            "vars": {"imcloud_domain": "chat.example.test", **global_vars},
             "children": {
                 "imcloud": {
                     "hosts": {
@@ -50,6 +41,22 @@ def inventory(app_hosts: int = 2, receivers: list[dict[str, Any]] | None = None)
             },
         }
     }
+
+
+def inventory(app_hosts: int = 2, receivers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A cluster inventory: lb1, data1 (db, cache, monitoring), app1..appN."""
+    hosts = {"lb1": "10.9.0.10", "data1": "10.9.0.20"}
+    hosts.update({f"app{i}": f"10.9.0.{30 + i}" for i in range(1, app_hosts + 1)})
+    groups = {
+        "lb": ["lb1"],
+        "app": [f"app{i}" for i in range(1, app_hosts + 1)],
+        "db": ["data1"],
+        "cache": ["data1"],
+        "monitoring": ["data1"],
+    }
+    return _inventory(
+        hosts, groups, {"imcloud_tls_mode": "provided", "imcloud_alert_receivers": receivers or []}
+    )
 
 
 def ha_inventory() -> dict[str, Any]:
@@ -62,26 +69,60 @@ def ha_inventory() -> dict[str, Any]:
         "cache": list(hosts),
         "monitoring": ["node3"],
     }
-    return {
-        "all": {
-            "vars": {
-                "imcloud_domain": "chat.example.test",
-                "imcloud_profile": "ha",
-                "imcloud_tls_mode": "internal",
-                "imcloud_floating_address": "10.9.1.250",
-                "imcloud_alert_receivers": [],
-            },
-            "children": {
-                "imcloud": {
-                    "hosts": {
-                        name: {"ansible_host": addr, "imcloud_internal_address": addr}
-                        for name, addr in hosts.items()
-                    },
-                    "children": {g: {"hosts": dict.fromkeys(m)} for g, m in groups.items()},
-                }
-            },
-        }
-    }
+    return _inventory(
+        hosts,
+        groups,
+        {
+            "imcloud_profile": "ha",
+            "imcloud_tls_mode": "internal",
+            "imcloud_floating_address": "10.9.1.250",
+            "imcloud_alert_receivers": [],
+        },
+    )
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float = 60) -> T:
+    """Poll ``check`` every half second until it returns something true; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def processes(stop_timeout: float = 10) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """Processes the block starts (by name): terminated at its end, killed if they linger."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def certificates(d: Path, addresses: Iterable[str], name: str) -> None:
+    """``ca.crt``/``ca.key`` and ``host.crt``/``host.key`` in ``d`` for the given IP addresses
+    (like the tls role's SANs), EC P-256, two days."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=test CA",
+            "-days", "2")  # fmt: skip
+    openssl("req", *ec, "-keyout", "host.key", "-out", "host.csr", "-subj", f"/CN={name}")
+    (d / "ext").write_text("subjectAltName=" + ",".join(f"IP:{a}" for a in addresses) + "\n")
+    openssl("x509", "-req", "-in", "host.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "host.crt", "-days", "2", "-extfile", "ext")  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ command line; IMCLOUD_PATRONI_PYTHONPATH is added to its PYTHONPATH), etcd
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shlex
@@ -18,15 +17,13 @@ import shutil
 import ssl
 import subprocess
 import tempfile
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 import yaml
-from monhelpers import ROOT, daemon, free_port
+from monhelpers import ROOT, certificates, daemon, free_port, processes, wait_for
 
 from im_server.localstack import PG_BIN
 from installer.core.status import Api, HaRoles, collect_ha_roles, collect_status
@@ -35,22 +32,11 @@ PATRONI = os.environ.get("IMCLOUD_PATRONI") or shutil.which("patroni") or ""
 ETCD = os.environ.get("IMCLOUD_ETCD") or shutil.which("etcd") or ""
 MEMBERS = {"node1": "127.0.0.21", "node2": "127.0.0.22"}
 NAMES = {address: name for name, address in MEMBERS.items()}
-T = TypeVar("T")
 
 pytestmark = pytest.mark.skipif(
     not (PATRONI and ETCD and (PG_BIN / "postgres").exists()),
     reason="needs Patroni (IMCLOUD_PATRONI), etcd (IMCLOUD_ETCD) and PostgreSQL 15",
 )
-
-
-def _wait_for(what: str, check: Callable[[], T | None], timeout: float = 90) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.5)
 
 
 @pytest.fixture
@@ -66,21 +52,6 @@ def workdir() -> Iterator[Path]:
         subprocess.run([*as_postgres, str(PG_BIN / "pg_ctl"), "stop", "-m", "immediate",
                         "-D", str(pid_file.parent)], capture_output=True, timeout=60)  # fmt: skip
     shutil.rmtree(d, ignore_errors=True)
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _certificates(d: Path) -> None:
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=test CA",
-             "-days", "2", cwd=d)  # fmt: skip
-    _openssl("req", *ec, "-keyout", "host.key", "-out", "host.csr", "-subj", "/CN=db", cwd=d)
-    (d / "ext").write_text("subjectAltName=" + ",".join(f"IP:{a}" for a in MEMBERS.values()))
-    _openssl("x509", "-req", "-in", "host.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", "host.crt", "-days", "2", "-extfile", "ext",
-             cwd=d)  # fmt: skip
 
 
 def _member_config(d: Path, name: str, api_port: int, pg_port: int, etcd_port: int) -> Path:
@@ -116,22 +87,6 @@ def _member_config(d: Path, name: str, api_port: int, pg_port: int, etcd_port: i
     path = d / name / "patroni.yml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-@contextlib.contextmanager
-def _processes() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        yield procs
-    finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _start_member(procs: dict[str, subprocess.Popen[bytes]], name: str, config: Path) -> None:
@@ -184,12 +139,12 @@ def test_status_names_the_patroni_primary_and_sync_standby_across_a_switch(
     workdir: Path,
 ) -> None:
     d = workdir
-    _certificates(d)
+    certificates(d, MEMBERS.values(), "db")
     if os.geteuid() == 0:
         subprocess.run(["chown", "-R", "postgres", str(d)], check=True)
     api_port, pg_port, prom_port = free_port(), free_port(), free_port()
     etcd_port, etcd_peer, etcd_metrics = free_port(), free_port(), free_port()
-    with _processes() as procs:
+    with processes(stop_timeout=30) as procs:
         etcd = [
             ETCD, "--name", "e1", "--data-dir", str(d / "etcd"),
             "--listen-client-urls", f"http://127.0.0.21:{etcd_port}",
@@ -205,7 +160,7 @@ def test_status_names_the_patroni_primary_and_sync_standby_across_a_switch(
         if os.geteuid() == 0:
             subprocess.run(["chown", "-R", "postgres", str(d)], check=True)
         _start_member(procs, "node1", configs["node1"])
-        _wait_for("node1 bootstraps as primary",
+        wait_for("node1 bootstraps as primary",
                   lambda: _is_primary(d, MEMBERS["node1"], api_port))  # fmt: skip
         _start_member(procs, "node2", configs["node2"])
 
@@ -220,7 +175,7 @@ def test_status_names_the_patroni_primary_and_sync_standby_across_a_switch(
                     "node2"
                 ]
 
-            _wait_for("node1 primary, node2 sync standby", healthy)
+            wait_for("node1 primary, node2 sync standby", healthy)
             rows = {(r.job, r.host): r for r in collect_status(api, NAMES)}
             assert rows[("patroni", "node1")].figures == {"db up": "1", "role": "primary"}
             assert rows[("patroni", "node2")].figures == {"db up": "1", "role": "sync standby"}
@@ -234,6 +189,6 @@ def test_status_names_the_patroni_primary_and_sync_standby_across_a_switch(
                 roles = collect_ha_roles(api, NAMES)
                 return roles if roles.postgres_primary == ["node2"] else None
 
-            roles = _wait_for("node2 takes over", taken_over)
+            roles = wait_for("node2 takes over", taken_over)
             assert roles.postgres_sync_standby == []
             assert roles.problems[0] == "0 synchronous standbys (Patroni)"

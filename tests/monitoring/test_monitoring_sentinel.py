@@ -9,21 +9,26 @@ A real Prometheus scrapes them as job "sentinel" with the shipped rules;
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
 import shutil
 import subprocess
-import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from monhelpers import ROOT, VENV_BIN, daemon, free_port, ha_inventory
+from monhelpers import (
+    ROOT,
+    VENV_BIN,
+    certificates,
+    daemon,
+    free_port,
+    ha_inventory,
+    processes,
+    wait_for,
+)
 
 from installer.core.status import Api, collect_ha_roles, collect_status
 
@@ -39,54 +44,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _certificates(d: Path) -> None:
-    """A CA and one host certificate for all three addresses (like the tls role's SANs)."""
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=test CA",
-             "-days", "2", cwd=d)  # fmt: skip
-    _openssl("req", *ec, "-keyout", "host.key", "-out", "host.csr", "-subj", "/CN=cache", cwd=d)
-    sans = ",".join(f"IP:{a}" for a in HOSTS.values())
-    (d / "ext").write_text(f"subjectAltName={sans}\n")
-    _openssl("x509", "-req", "-in", "host.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", "host.crt", "-days", "2", "-extfile", "ext",
-             cwd=d)  # fmt: skip
-
-
 def _tls(d: Path) -> str:
     return (
         f"tls-cert-file {d / 'host.crt'}\ntls-key-file {d / 'host.key'}\n"
         f"tls-ca-cert-file {d / 'ca.crt'}\ntls-auth-clients no\ntls-replication yes\n"
     )
-
-
-def _wait_for(what: str, check: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.5)
-
-
-@contextlib.contextmanager
-def _processes() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        yield procs
-    finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _start(procs: dict[str, subprocess.Popen[bytes]], name: str, args: list[str], log: Path,
@@ -228,11 +190,11 @@ def _prometheus_args(d: Path, port: int, exporter_port: int) -> list[str]:
 
 
 def test_sentinel_exporter_and_status_follow_a_failover(tmp_path: Path) -> None:
-    _certificates(tmp_path)
+    certificates(tmp_path, HOSTS.values(), "cache")
     redis_port, sentinel_port, exporter_port, prom_port = (free_port() for _ in range(4))
     rendered = _render_exporters(tmp_path, tmp_path / "ca.crt", sentinel_port)
     everyone = list(HOSTS)
-    with _processes() as procs:
+    with processes() as procs:
         _start_redis_and_sentinels(procs, tmp_path, redis_port, sentinel_port)
         _start_exporters(procs, rendered, exporter_port, sentinel_port)
 
@@ -241,7 +203,7 @@ def test_sentinel_exporter_and_status_follow_a_failover(tmp_path: Path) -> None:
             return {n for n in names if n.startswith("redis_sentinel_master")}
 
         # The names the rules and `status` use (monitoring/prometheus/rules/sentinel.yml).
-        exported = _wait_for("redis_sentinel_master_* from node1's exporter", sentinel_metrics)
+        exported = wait_for("redis_sentinel_master_* from node1's exporter", sentinel_metrics)
         assert {
             "redis_sentinel_master_status", "redis_sentinel_master_ok_sentinels",
             "redis_sentinel_master_ok_slaves", "redis_sentinel_master_ckquorum_status",
@@ -256,7 +218,7 @@ def test_sentinel_exporter_and_status_follow_a_failover(tmp_path: Path) -> None:
                 masters = collect_ha_roles(api, NAMES).redis_master
                 return masters if list(masters.values()) == [everyone] else None
 
-            assert _wait_for("every Sentinel names node1", named_by_all) == {"node1": everyone}
+            assert wait_for("every Sentinel names node1", named_by_all) == {"node1": everyone}
             with urllib.request.urlopen(f"{base}/consoles/imcloud.html", timeout=10) as resp:
                 page = resp.read().decode()
             assert f"<td>{HOSTS['node1']}:{redis_port} (named by 3 Sentinels)</td>" in page
@@ -271,11 +233,11 @@ def test_sentinel_exporter_and_status_follow_a_failover(tmp_path: Path) -> None:
                          for r in rows}  # fmt: skip
                 return found if found == dict.fromkeys(everyone, ("ok", "1", "3", "1")) else None
 
-            _wait_for("three Sentinels that see each other and the replica", sentinel_rows)
+            wait_for("three Sentinels that see each other and the replica", sentinel_rows)
 
             procs["redis-node1"].terminate()
             procs["redis-node1"].wait(timeout=10)
-            moved = _wait_for(
+            moved = wait_for(
                 "the Sentinels fail over to node2",
                 lambda: (m := named_by_all()) and "node2" in m and m,
                 timeout=90,

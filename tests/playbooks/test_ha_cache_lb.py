@@ -13,89 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from tests.playbooks.rendering import ROLES, render
 from tests.playbooks.test_playbooks import (
     ANSIBLE_PLAYBOOK,
     CLUSTER,
     HA,
     PACKAGES_PLAY,
-    PLAYBOOKS,
     ROLE_PACKAGES,
     SINGLE,
     _inventory,
-    _local_play,
     _run,
 )
-
-ROLES = PLAYBOOKS / "roles"
-SECRETS = {
-    name: f"pw-{name}"
-    for name in (
-        "imcloud_redis_password",
-        "imcloud_redis_monitor_password",
-        "imcloud_redis_replication_password",
-        "imcloud_redis_sentinel_password",
-        "imcloud_monitoring_password",
-    )
-}
-HA_VARS = {
-    "imcloud_floating_address": "10.0.0.100",
-    "imcloud_vrrp_interface": "eth0",
-    "imcloud_vrrp_router_id": 42,
-    "imcloud_vrrp_password": "0123456789abcdef",
-}
-
-RENDER_PLAY = (
-    _local_play("Render a role's template (or a variable) on a group's hosts")
-    + """\
-    - name: Read the memory size (redis.conf's maxmemory needs it)
-      ansible.builtin.setup:
-        gather_subset: ["!all", "!min", hardware]
-    - name: Load the role's defaults and vars
-      ansible.builtin.include_vars:
-        file: "{{{{ item }}}}"
-      loop: {files}
-    - name: Render
-      ansible.builtin.copy:
-        content: "{{{{ lookup('template', '{template}') if '{template}' else {variable} }}}}"
-        dest: "{out}/{{{{ inventory_hostname }}}}"
-        mode: "0600"
-      when: inventory_hostname in groups['{group}']
-"""
-)
-
-
-def _render(
-    tmp_path: Path,
-    layout: dict[str, tuple[list[str], str]],
-    profile: str,
-    role: str,
-    group: str,
-    *,
-    template: str = "",
-    variable: str = "''",
-    extra: dict[str, Any] | None = None,
-) -> dict[str, str]:
-    """``template`` of ``role`` (or the value of ``variable``) on each ``group`` host."""
-    files = [
-        str(ROLES / role / kind / "main.yml")
-        for kind in ("defaults", "vars")
-        if (ROLES / role / kind / "main.yml").is_file()
-    ]
-    out = tmp_path / "rendered"
-    out.mkdir()
-    play = tmp_path / "render.yml"
-    path = str(ROLES / role / "templates" / template) if template else ""
-    play.write_text(
-        RENDER_PLAY.format(files=files, template=path, variable=variable, out=out, group=group)
-    )
-    extra_file = tmp_path / "extra.yml"
-    extra_file.write_text(yaml.safe_dump({**SECRETS, **HA_VARS, **(extra or {})}))
-    inventory = _inventory(tmp_path, layout, profile)
-    proc = _run([ANSIBLE_PLAYBOOK, "-i", str(inventory), "-e", f"@{extra_file}", str(play)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    return {p.name: p.read_text() for p in out.iterdir()}
 
 
 def _sha(secret: str) -> str:
@@ -110,8 +39,8 @@ def test_redis_off_ha_has_no_replication_users_or_settings(
 ) -> None:
     (tmp_path / "acl").mkdir()
     (tmp_path / "conf").mkdir()
-    acls = _render(tmp_path / "acl", layout, profile, "redis", "cache", template="users.acl.j2")
-    confs = _render(tmp_path / "conf", layout, profile, "redis", "cache", template="redis.conf.j2")
+    acls = render(tmp_path / "acl", layout, profile, "redis", "cache", template="users.acl.j2")
+    confs = render(tmp_path / "conf", layout, profile, "redis", "cache", template="redis.conf.j2")
     for acl in acls.values():
         assert [line.split()[1] for line in acl.splitlines()] == ["default", "imcloud", "monitor"]
     for conf in confs.values():
@@ -120,7 +49,7 @@ def test_redis_off_ha_has_no_replication_users_or_settings(
 
 
 def test_redis_on_ha_seeds_every_host_but_the_master_as_its_replica(tmp_path: Path) -> None:
-    rendered = _render(
+    rendered = render(
         tmp_path, HA, "ha", "redis", "cache", template="redis.conf.j2",
         extra={"__redis_seed_master": "10.0.0.22"},
     )  # fmt: skip
@@ -136,7 +65,7 @@ def test_redis_on_ha_seeds_every_host_but_the_master_as_its_replica(tmp_path: Pa
 def test_redis_on_ha_has_a_replication_and_a_sentinel_user_with_few_commands(
     tmp_path: Path,
 ) -> None:
-    acl = _render(tmp_path, HA, "ha", "redis", "cache", template="users.acl.j2")["n1"]
+    acl = render(tmp_path, HA, "ha", "redis", "cache", template="users.acl.j2")["n1"]
     users = {line.split()[1]: line for line in acl.splitlines()}
     assert sorted(users) == ["default", "imcloud", "monitor", "replicator", "sentinel"]
     assert users["replicator"] == (
@@ -151,7 +80,7 @@ def test_redis_on_ha_has_a_replication_and_a_sentinel_user_with_few_commands(
 
 
 def test_sentinel_on_ha_listens_tls_only_and_watches_the_seed_master(tmp_path: Path) -> None:
-    rendered = _render(
+    rendered = render(
         tmp_path, HA, "ha", "redis", "cache", template="sentinel.conf.j2",
         extra={"__redis_seed_master": "10.0.0.23"},
     )  # fmt: skip
@@ -197,14 +126,14 @@ def test_redis_master_is_the_sentinels_majority_else_the_first_cache_host(
     tmp_path: Path, answers: list[dict[str, Any]] | None, master: str
 ) -> None:
     extra = {} if answers is None else {"__redis_sentinel_answers": {"results": answers}}
-    rendered = _render(
+    rendered = render(
         tmp_path, HA, "ha", "redis", "cache", variable="__redis_master_address", extra=extra
     )
     assert set(rendered.values()) == {master}
 
 
 def test_keepalived_prefers_the_first_lb_and_peers_with_the_others(tmp_path: Path) -> None:
-    rendered = _render(tmp_path, HA, "ha", "keepalived", "lb", template="keepalived.conf.j2")
+    rendered = render(tmp_path, HA, "ha", "keepalived", "lb", template="keepalived.conf.j2")
     assert sorted(rendered) == ["n1", "n2"]
     for host, peer, priority in (("n1", "10.0.0.22", 200), ("n2", "10.0.0.21", 190)):
         conf = rendered[host]
@@ -230,7 +159,7 @@ def test_nginx_drops_a_dead_app_node_at_once_on_ha_only(
     max_fails: int,
     timeout: str,
 ) -> None:
-    rendered = _render(tmp_path, layout, profile, "nginx", "lb", template="nginx.conf.j2")
+    rendered = render(tmp_path, layout, profile, "nginx", "lb", template="nginx.conf.j2")
     for conf in rendered.values():
         servers = re.findall(r"^\s*server (\S+):8080 max_fails=(\d+) ", conf, re.M)
         assert servers and {fails for _, fails in servers} == {str(max_fails)}

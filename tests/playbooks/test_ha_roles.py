@@ -11,84 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.playbooks.rendering import ROLES, render
 from tests.playbooks.test_playbooks import (
     ANSIBLE_PLAYBOOK,
     CLUSTER,
     HA,
-    PLAYBOOKS,
     SINGLE,
     _inventory,
     _local_play,
     _run,
 )
-
-ROLES = PLAYBOOKS / "roles"
-SECRETS = {
-    name: f"pw-{name}"
-    for name in (
-        "imcloud_postgres_password",
-        "imcloud_postgres_monitor_password",
-        "imcloud_postgres_superuser_password",
-        "imcloud_postgres_replication_password",
-        "imcloud_patroni_api_password",
-        "imcloud_redis_password",
-        "imcloud_redis_sentinel_password",
-        "imcloud_admin_token",
-        "imcloud_token_secret",
-    )
-}
-
-RENDER_PLAY = (
-    _local_play("Render a role's template for every host of a group")
-    + """\
-    - name: Read the memory size (the PostgreSQL tuning needs it)
-      ansible.builtin.setup:
-        gather_subset: ["!all", "!min", hardware]
-    - name: Load the roles' defaults and vars
-      ansible.builtin.include_vars:
-        file: "{{{{ item }}}}"
-      loop: {files}
-    - name: Render the template
-      ansible.builtin.template:
-        src: {template}
-        dest: "{out}/{{{{ inventory_hostname }}}}"
-        mode: "0600"
-      when: inventory_hostname in groups['{group}']
-"""
-)
-
-
-def _render(
-    tmp_path: Path,
-    layout: dict[str, tuple[list[str], str]],
-    profile: str,
-    roles: list[str],
-    template: str,
-    group: str,
-) -> dict[str, str]:
-    """``template`` of the last of ``roles`` on each ``group`` host, with the roles' variables."""
-    files = [
-        str(ROLES / role / kind / "main.yml")
-        for kind in ("defaults", "vars")
-        for role in roles
-        if (ROLES / role / kind / "main.yml").is_file()
-    ]
-    out = tmp_path / "rendered"
-    out.mkdir()
-    play = tmp_path / "render.yml"
-    play.write_text(
-        RENDER_PLAY.format(
-            files=files, template=ROLES / roles[-1] / "templates" / template, out=out, group=group
-        )
-    )
-    extra = tmp_path / "secrets.yml"
-    extra.write_text(
-        yaml.safe_dump({**SECRETS, "imcloud_release": "r1", "imcloud_wheel_dir": "/nonexistent"})
-    )
-    inventory = _inventory(tmp_path, layout, profile)
-    proc = _run([ANSIBLE_PLAYBOOK, "-i", str(inventory), "-e", f"@{extra}", str(play)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    return {p.name: p.read_text() for p in out.iterdir()}
 
 
 def _env(text: str) -> dict[str, str]:
@@ -98,7 +30,7 @@ def _env(text: str) -> dict[str, str]:
 
 
 def test_im_server_on_ha_lists_every_db_host_and_the_sentinels(tmp_path: Path) -> None:
-    env = _env(_render(tmp_path, HA, "ha", ["im_server"], "im_server.env.j2", "app")["n2"])
+    env = _env(render(tmp_path, HA, "ha", ["im_server"], "app", template="im_server.env.j2")["n2"])
     assert env["IM_DATABASE_URL"] == (
         "postgresql://imcloud:pw-imcloud_postgres_password@10.0.0.21:5432,10.0.0.22:5432,"
         "10.0.0.23:5432/imcloud?target_session_attrs=read-write&sslmode=verify-full"
@@ -116,7 +48,7 @@ def test_im_server_on_ha_lists_every_db_host_and_the_sentinels(tmp_path: Path) -
 def test_im_server_off_ha_keeps_one_db_host_and_no_sentinels(
     tmp_path: Path, layout: dict[str, tuple[list[str], str]], profile: str
 ) -> None:
-    rendered = _render(tmp_path, layout, profile, ["im_server"], "im_server.env.j2", "app")
+    rendered = render(tmp_path, layout, profile, ["im_server"], "app", template="im_server.env.j2")
     db = layout["one" if profile == "single" else "data1"][1]
     for text in rendered.values():
         env = _env(text)
@@ -128,7 +60,7 @@ def test_im_server_off_ha_keeps_one_db_host_and_no_sentinels(
 
 
 def test_etcd_members_bootstrap_one_cluster_over_tls(tmp_path: Path) -> None:
-    rendered = _render(tmp_path, HA, "ha", ["etcd"], "etcd.j2", "db")
+    rendered = render(tmp_path, HA, "ha", ["etcd"], "db", template="etcd.j2")
     assert sorted(rendered) == ["n1", "n2", "n3"]
     initial = "n1=https://10.0.0.21:2380,n2=https://10.0.0.22:2380,n3=https://10.0.0.23:2380"
     for host, text in rendered.items():
@@ -147,7 +79,7 @@ def test_etcd_members_bootstrap_one_cluster_over_tls(tmp_path: Path) -> None:
 
 
 def test_patroni_config_follows_the_ha_design(tmp_path: Path) -> None:
-    rendered = _render(tmp_path, HA, "ha", ["postgresql", "patroni"], "config.yml.j2", "db")
+    rendered = render(tmp_path, HA, "ha", ["postgresql", "patroni"], "db", template="config.yml.j2")
     config = yaml.safe_load(rendered["n3"])
     assert (config["scope"], config["name"]) == ("imcloud", "n3")
     assert config["restapi"]["listen"] == "10.0.0.23:8008"
