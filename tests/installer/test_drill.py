@@ -19,6 +19,7 @@ from installer.core.config import parse_config
 from installer.core.drill_load import Attempt, Delivery, Reconnect, Timeline, measure, percentile
 from installer.core.drill_report import drill_report, write_record
 from installer.errors import ImcloudError
+from tests.installer.layouts import HA
 
 runner = CliRunner()
 
@@ -29,16 +30,6 @@ CLUSTER: dict[str, Any] = {
         {"name": "edge", "address": "127.0.0.1", "roles": ["lb", "db", "cache", "monitoring"]},
         {"name": "app1", "address": "127.0.0.2", "roles": ["app"]},
         {"name": "app2", "address": "127.0.0.3", "roles": ["app"]},
-    ],
-}
-HA: dict[str, Any] = {
-    "domain": "chat.example.com",
-    "profile": "ha",
-    "ha": {"floating_address": "10.0.0.100"},
-    "hosts": [
-        {"name": "n1", "address": "10.0.0.1", "roles": ["lb", "app", "db", "cache"]},
-        {"name": "n2", "address": "10.0.0.2", "roles": ["lb", "app", "db", "cache"]},
-        {"name": "n3", "address": "10.0.0.3", "roles": ["app", "db", "cache", "monitoring"]},
     ],
 }
 

@@ -14,19 +14,10 @@ from installer.cli import app
 from installer.core.cloud import init_cloud
 from installer.core.config import parse_config, survival_problems
 from installer.errors import ImcloudError
+from tests.installer.layouts import HA
 
 runner = CliRunner()
 
-HA: dict[str, Any] = {
-    "domain": "chat.example.com",
-    "profile": "ha",
-    "ha": {"floating_address": "192.0.2.100"},
-    "hosts": [
-        {"name": "n1", "address": "192.0.2.21", "roles": ["lb", "app", "db", "cache"]},
-        {"name": "n2", "address": "192.0.2.22", "roles": ["lb", "app", "db", "cache"]},
-        {"name": "n3", "address": "192.0.2.23", "roles": ["app", "db", "cache", "monitoring"]},
-    ],
-}
 
 
 def _with(change: dict[str, Any] | None = None, **roles: list[str]) -> dict[str, Any]:
@@ -45,13 +36,13 @@ def test_three_hosts_sharing_every_role_survive_one_loss(tmp_path: Path) -> None
     inventory = yaml.safe_load(cloud.inventory_path.read_text())
     global_vars = inventory["all"]["vars"]
     assert global_vars["imcloud_profile"] == "ha"
-    assert global_vars["imcloud_floating_address"] == "192.0.2.100"
+    assert global_vars["imcloud_floating_address"] == "10.0.0.100"
     assert 1 <= global_vars["imcloud_vrrp_router_id"] <= 255
     groups = inventory["all"]["children"]["imcloud"]["children"]
     assert sorted(groups["db"]["hosts"]) == ["n1", "n2", "n3"]
     assert sorted(groups["lb"]["hosts"]) == ["n1", "n2"]
     written = yaml.safe_load(cloud.config_path.read_text())
-    assert written["ha"]["floating_address"] == "192.0.2.100"
+    assert written["ha"]["floating_address"] == "10.0.0.100"
     assert parse_config(written) == config
 
 
@@ -63,7 +54,7 @@ def test_three_hosts_sharing_every_role_survive_one_loss(tmp_path: Path) -> None
         (_with(n2=["lb", "db", "cache"], n3=["db", "cache"]), "1 host(s) with role app"),
         (_with(n1=["lb", "app", "db"]), "2 host(s) with role cache, 3 needed"),
         (_with({"ha": {}}), "needs ha.floating_address"),
-        (_with({"ha": {"floating_address": "192.0.2.21"}}), "is a host's address"),
+        (_with({"ha": {"floating_address": "10.0.0.1"}}), "is a host's address"),
         (_with({"ha": {"floating_address": "not-an-ip"}}), "is not an IP address"),
         (
             _with(
@@ -110,7 +101,7 @@ def test_init_takes_the_ha_profile_from_options(tmp_path: Path) -> None:
         hosts += ["--host", f"{host['name']}={host['address']},{','.join(host['roles'])}"]
     args = ["init", "--domain", "chat.example.com", "--profile", "ha", *hosts]
     result = runner.invoke(
-        app, [*args, "--cloud", str(tmp_path / "c"), "--floating-address", "192.0.2.100"]
+        app, [*args, "--cloud", str(tmp_path / "c"), "--floating-address", "10.0.0.100"]
     )
     assert result.exit_code == 0, result.output
     refused = runner.invoke(app, [*args, "--cloud", str(tmp_path / "d")])

@@ -12,17 +12,8 @@ import pytest
 from installer.core import ha_state
 from installer.core.cloud import Cloud
 from installer.core.config import parse_config
+from tests.installer.layouts import HA
 
-HA: dict[str, Any] = {
-    "domain": "chat.example.com",
-    "profile": "ha",
-    "ha": {"floating_address": "10.0.0.100"},
-    "hosts": [
-        {"name": "n1", "address": "10.0.0.1", "roles": ["lb", "app", "db", "cache"]},
-        {"name": "n2", "address": "10.0.0.2", "roles": ["lb", "app", "db", "cache"]},
-        {"name": "n3", "address": "10.0.0.3", "roles": ["app", "db", "cache", "monitoring"]},
-    ],
-}
 CLUSTER: dict[str, Any] = {
     "domain": "chat.example.com",
     "profile": "cluster",

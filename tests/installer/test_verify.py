@@ -15,6 +15,7 @@ from installer.core import verify
 from installer.core.cloud import Cloud, init_cloud
 from installer.core.config import parse_config
 from installer.core.secrets import ensure_ca
+from tests.installer.layouts import HA
 
 runner = CliRunner()
 
@@ -187,17 +188,6 @@ def test_acme_trusts_the_acme_bundle_never_the_internal_ca(tmp_path: Path) -> No
     assert not set(internal_ca) & set(_ca_subjects(verify.cloud_tls_context(public)))
 
 
-HA = {
-    "domain": "chat.example.com",
-    "profile": "ha",
-    "ha": {"floating_address": "192.0.2.100"},
-    "hosts": [
-        {"name": "n1", "address": "192.0.2.21", "roles": ["lb", "app", "db", "cache"]},
-        {"name": "n2", "address": "192.0.2.22", "roles": ["lb", "app", "db", "cache"]},
-        {"name": "n3", "address": "192.0.2.23", "roles": ["app", "db", "cache", "monitoring"]},
-    ],
-}
-
 
 def test_profile_ha_expects_patroni_etcd_sentinel_and_keepalived(tmp_path: Path) -> None:
     cloud = _cloud(tmp_path, HA)
@@ -207,4 +197,4 @@ def test_profile_ha_expects_patroni_etcd_sentinel_and_keepalived(tmp_path: Path)
     assert "postgresql@15-main" not in services
     assert "keepalived" not in verify.expected_services(cloud, n3)
     assert {2379, 2380, 2381, 8008, 26379, 9122, 5432, 6379} <= verify.internal_ports(cloud, n1)
-    assert cloud.lb_address == "192.0.2.100"
+    assert cloud.lb_address == "10.0.0.100"
