@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import subprocess
 import time
@@ -10,6 +11,8 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 T = TypeVar("T")
 
@@ -79,6 +82,26 @@ def ha_inventory() -> dict[str, Any]:
             "imcloud_alert_receivers": [],
         },
     )
+
+
+def prometheus_args(d: Path, port: int, scrape_configs: list[dict[str, Any]]) -> list[str]:
+    """A Prometheus on 127.0.0.1:``port`` under /prometheus/ (as nginx proxies it), every
+    second, with the shipped rules and console, scraping ``scrape_configs``."""
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ROOT / "monitoring/prometheus/rules/*.yml")],
+        "scrape_configs": scrape_configs,
+    }
+    (d / "prometheus.yml").write_text(yaml.safe_dump(config))
+    consoles = d / "consoles"
+    consoles.mkdir()
+    shutil.copy(ROOT / "monitoring/consoles/imcloud.html", consoles)
+    return [
+        "prometheus", f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--web.external-url=http://127.0.0.1:{port}/prometheus/",
+        f"--web.console.templates={consoles}", f"--web.console.libraries={consoles}",
+    ]  # fmt: skip
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float = 60) -> T:

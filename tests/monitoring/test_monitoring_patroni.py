@@ -20,10 +20,11 @@ import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from monhelpers import ROOT, certificates, daemon, free_port, processes, wait_for
+from monhelpers import certificates, daemon, free_port, processes, prometheus_args, wait_for
 
 from im_server.localstack import PG_BIN
 from installer.core.status import Api, HaRoles, collect_ha_roles, collect_status
@@ -112,26 +113,17 @@ def _is_primary(d: Path, address: str, api_port: int) -> bool:
         return False
 
 
-def _prometheus_args(d: Path, port: int, api_port: int, etcd_metrics_port: int) -> list[str]:
+def _scrape_configs(d: Path, api_port: int, etcd_metrics_port: int) -> list[dict[str, Any]]:
     """Jobs "patroni" and "etcd" as the monitoring role renders them on profile ha."""
     patroni_targets = [
         {"targets": [f"{address}:{api_port}"], "labels": {"host": name}}
         for name, address in MEMBERS.items()
     ]
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(ROOT / "monitoring/prometheus/rules/*.yml")],
-        "scrape_configs": [
-            {"job_name": "patroni", "scheme": "https",
-             "tls_config": {"ca_file": str(d / "ca.crt")}, "static_configs": patroni_targets},
-            {"job_name": "etcd", "static_configs": [
-                {"targets": [f"127.0.0.21:{etcd_metrics_port}"], "labels": {"host": "node1"}}]},
-        ],
-    }  # fmt: skip
-    (d / "prometheus.yml").write_text(yaml.safe_dump(config))
     return [
-        "prometheus", f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{port}", f"--web.external-url=http://127.0.0.1:{port}/prometheus/",
+        {"job_name": "patroni", "scheme": "https",
+         "tls_config": {"ca_file": str(d / "ca.crt")}, "static_configs": patroni_targets},
+        {"job_name": "etcd", "static_configs": [
+            {"targets": [f"127.0.0.21:{etcd_metrics_port}"], "labels": {"host": "node1"}}]},
     ]  # fmt: skip
 
 
@@ -165,8 +157,8 @@ def test_status_names_the_patroni_primary_and_sync_standby_across_a_switch(
         _start_member(procs, "node2", configs["node2"])
 
         base = f"http://127.0.0.1:{prom_port}/prometheus"
-        with daemon(_prometheus_args(d, prom_port, api_port, etcd_metrics), f"{base}/-/ready",
-                    d / "prometheus.log"):  # fmt: skip
+        prometheus = prometheus_args(d, prom_port, _scrape_configs(d, api_port, etcd_metrics))
+        with daemon(prometheus, f"{base}/-/ready", d / "prometheus.log"):
             api = Api(base)
 
             def healthy() -> bool:

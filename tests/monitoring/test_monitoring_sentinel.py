@@ -27,6 +27,7 @@ from monhelpers import (
     free_port,
     ha_inventory,
     processes,
+    prometheus_args,
     wait_for,
 )
 
@@ -167,28 +168,6 @@ def _start_exporters(
                rendered / name / "exporter.log", env=env)  # fmt: skip
 
 
-def _prometheus_args(d: Path, port: int, exporter_port: int) -> list[str]:
-    """A Prometheus scraping the exporters as job "sentinel", with the shipped rules."""
-    targets = [
-        {"targets": [f"{address}:{exporter_port}"], "labels": {"host": name}}
-        for name, address in HOSTS.items()
-    ]
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(ROOT / "monitoring/prometheus/rules/*.yml")],
-        "scrape_configs": [{"job_name": "sentinel", "static_configs": targets}],
-    }
-    (d / "prometheus.yml").write_text(yaml.safe_dump(config))
-    consoles = d / "consoles"
-    consoles.mkdir()
-    shutil.copy(ROOT / "monitoring/consoles/imcloud.html", consoles)
-    return [
-        "prometheus", f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}", f"--web.external-url=http://127.0.0.1:{port}/prometheus/",
-        f"--web.console.templates={consoles}", f"--web.console.libraries={consoles}",
-    ]  # fmt: skip
-
-
 def test_sentinel_exporter_and_status_follow_a_failover(tmp_path: Path) -> None:
     certificates(tmp_path, HOSTS.values(), "cache")
     redis_port, sentinel_port, exporter_port, prom_port = (free_port() for _ in range(4))
@@ -210,7 +189,13 @@ def test_sentinel_exporter_and_status_follow_a_failover(tmp_path: Path) -> None:
         } <= exported  # fmt: skip
 
         base = f"http://127.0.0.1:{prom_port}/prometheus"
-        prometheus = _prometheus_args(tmp_path, prom_port, exporter_port)
+        targets = [
+            {"targets": [f"{address}:{exporter_port}"], "labels": {"host": name}}
+            for name, address in HOSTS.items()
+        ]
+        prometheus = prometheus_args(
+            tmp_path, prom_port, [{"job_name": "sentinel", "static_configs": targets}]
+        )
         with daemon(prometheus, f"{base}/-/ready", tmp_path / "prometheus.log"):
             api = Api(base)
 
